@@ -1,0 +1,4 @@
+"""Hand-written netlink codecs for the daemon's hot paths (conntrack, nf_tables).
+
+`core` holds the generic socket, message and attribute helpers; `ctnetlink` the conntrack codec.
+"""

@@ -1,0 +1,434 @@
+"""An authenticated asyncio connection to one peer: handshake, then MAC-tagged counted frames.
+
+One task may call `recv()` at a time; any number of tasks may call `send()` (each frame is
+built and written synchronously, so counters stay in wire order). Every failure closes the
+connection: a peer that broke the protocol once is not trusted again on that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nftsync.proto import auth
+from nftsync.proto.auth import AuthError
+from nftsync.proto.frames import (
+    CAP_DEFAULT,
+    FLAG_IGNORABLE,
+    HEADER_LEN,
+    MAX_NAME,
+    MESSAGE_CLASSES,
+    NONCE_LEN,
+    PROTOCOL_VERSION,
+    TAG_LEN,
+    U32_MAX,
+    VERSION_MAX,
+    VERSION_MIN,
+    Auth,
+    AuthOk,
+    ConnectionClosed,
+    FrameHeader,
+    Hello,
+    Message,
+    MsgType,
+    ProtocolError,
+    Refuse,
+    RefuseReason,
+    decode_payload,
+    encode_frame,
+    parse_header,
+    verify_tag,
+)
+
+log = logging.getLogger("nftsync.proto")
+
+#: Frames whose type may only appear during the handshake.
+_HANDSHAKE_TYPES = frozenset({MsgType.HELLO, MsgType.AUTH, MsgType.AUTH_OK})
+#: Version of the header of HELLO frames and of untagged handshake frames: frozen forever.
+HANDSHAKE_HEADER_VERSION = 1
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+class PeerRefused(ConnectionClosed):  # noqa: N818 - an event, like ConnectionClosed
+    """The authenticated peer sent REFUSE and is closing; `reason` is a RefuseReason code."""
+
+    def __init__(self, reason: int, text: str) -> None:
+        name = RefuseReason.NAMES.get(reason, str(reason))
+        super().__init__(f"peer closed the connection: {name}: {text}")
+        self.reason = reason
+        self.text = text
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who we are in the cluster; sent in HELLO. node_id must be unique per cluster, non-zero."""
+
+    cluster: str
+    node_id: int
+    node_name: str
+    capabilities: int = CAP_DEFAULT
+
+    def __post_init__(self) -> None:
+        if not 0 < self.node_id <= U32_MAX:
+            raise ValueError(f"node id must be 1..{U32_MAX}, got {self.node_id}")
+        for what, value in (("cluster name", self.cluster), ("node name", self.node_name)):
+            if not 0 < len(value.encode("utf-8")) <= MAX_NAME:
+                raise ValueError(f"{what} must be 1..{MAX_NAME} UTF-8 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """The authenticated peer: what it said in its HELLO plus what we negotiated."""
+
+    cluster: str
+    node_id: int
+    node_name: str
+    capabilities: int
+    version: int
+    we_initiated: bool
+    address: tuple[str, int] | None
+
+
+def _peername(writer: asyncio.StreamWriter) -> tuple[str, int] | None:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return (str(peer[0]), int(peer[1]))
+    return None
+
+
+async def _read_exact(reader: asyncio.StreamReader, n: int, frame_start: bool) -> bytes:
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError as exc:
+        if frame_start and not exc.partial:
+            raise ConnectionClosed("peer closed the connection") from None
+        raise ConnectionClosed("peer closed the connection in the middle of a frame") from None
+    except (ConnectionError, ssl.SSLError) as exc:
+        raise ConnectionClosed(f"connection lost: {exc}") from None
+
+
+async def _read_frame(reader: asyncio.StreamReader, counter: int, key: bytes | None,
+                      version: int) -> tuple[FrameHeader, bytes, bytes]:
+    """Read one frame; check size before reading the body, then tag, then counter and version.
+
+    An untagged REFUSE is accepted in place of a tagged frame only while `key` is None or
+    during the handshake (the caller decides by passing key=None).
+    """
+    raw_hdr = await _read_exact(reader, HEADER_LEN, True)
+    hdr = parse_header(raw_hdr)  # raises on oversize before any body byte is read
+    body = await _read_exact(reader, hdr.length + (TAG_LEN if key is not None else 0), False)
+    payload = body[:hdr.length]
+    if key is not None:
+        verify_tag(key, raw_hdr, payload, body[hdr.length:])
+    if hdr.counter != counter:
+        raise ProtocolError(f"frame counter {hdr.counter}, expected {counter}: "
+                            "replayed, reordered or dropped frame")
+    if hdr.version != version:
+        raise ProtocolError(f"frame version {hdr.version}, negotiated {version}")
+    return hdr, raw_hdr, payload
+
+
+def _negotiate(mine: Identity, hello: Hello) -> int:
+    """Check the peer's HELLO against ours; return the version to speak or raise AuthError."""
+    if hello.version_min > hello.version_max:
+        raise AuthError("peer advertised an empty version range", RefuseReason.BAD_VERSION)
+    common = min(VERSION_MAX, hello.version_max)
+    if common < max(VERSION_MIN, hello.version_min):
+        raise AuthError(f"no common protocol version: we speak {VERSION_MIN}..{VERSION_MAX}, "
+                        f"peer {hello.version_min}..{hello.version_max}",
+                        RefuseReason.BAD_VERSION)
+    if hello.cluster != mine.cluster:
+        raise AuthError(f"peer is in cluster {hello.cluster!r}, we are in {mine.cluster!r}",
+                        RefuseReason.WRONG_CLUSTER)
+    if hello.node_id == mine.node_id:
+        raise AuthError(f"peer {hello.node_name!r} uses our node id {mine.node_id}",
+                        RefuseReason.SAME_NODE_ID)
+    if hello.node_id == 0:
+        raise AuthError("peer uses the reserved node id 0", RefuseReason.PROTOCOL_ERROR)
+    return common
+
+
+# What a REFUSE tells an unauthenticated peer: the reason code and a fixed text, never our
+# cluster name, node id or anything about the key.
+_REFUSE_TEXT = {
+    RefuseReason.BAD_VERSION: f"unsupported protocol version (we speak {VERSION_MIN}.."
+                              f"{VERSION_MAX})",
+    RefuseReason.WRONG_CLUSTER: "cluster name does not match",
+    RefuseReason.AUTH_FAILED: "authentication failed",
+    RefuseReason.SAME_NODE_ID: "node id is the same as ours",
+    RefuseReason.PROTOCOL_ERROR: "protocol error",
+}
+
+
+class _Handshake:
+    """State of one handshake; both roles share the frame I/O and refusal handling."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 identity: Identity, key: bytes, initiator: bool) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.me = identity
+        self.key = key
+        self.initiator = initiator
+        self.sent = 0  # our next frame counter
+        self.received = 0  # peer's next frame counter
+        self.nonce = secrets.token_bytes(NONCE_LEN)
+
+    async def send(self, msg: Message, key: bytes | None = None, version: int = 1) -> bytes:
+        frame = encode_frame(msg, self.sent, key, version)
+        self.sent += 1
+        self.writer.write(frame)
+        await self.writer.drain()
+        return frame
+
+    async def refuse(self, reason: int) -> None:
+        """Tell the peer why, untagged (no session key is trusted yet), best effort."""
+        try:
+            await self.send(Refuse(reason, _REFUSE_TEXT.get(reason, "refused")))
+        except (ConnectionError, ssl.SSLError) as exc:
+            log.debug("could not send REFUSE: %s", exc)
+
+    async def recv(self, allowed: tuple[int, ...], key: bytes | None = None,
+                   version: int = HANDSHAKE_HEADER_VERSION) -> tuple[Message, bytes]:
+        """Next handshake frame: one of `allowed`, or an untagged REFUSE -> AuthError(remote)."""
+        raw_hdr = await _read_exact(self.reader, HEADER_LEN, True)
+        hdr = parse_header(raw_hdr)
+        tagged = key is not None and hdr.type != MsgType.REFUSE
+        body = await _read_exact(self.reader, hdr.length + (TAG_LEN if tagged else 0), False)
+        payload = body[:hdr.length]
+        if tagged:
+            assert key is not None
+            verify_tag(key, raw_hdr, payload, body[hdr.length:])
+        if hdr.counter != self.received:
+            raise ProtocolError(f"handshake frame counter {hdr.counter}, "
+                                f"expected {self.received}")
+        self.received += 1
+        if hdr.type == MsgType.REFUSE:
+            ref = decode_payload(hdr.type, payload)
+            assert isinstance(ref, Refuse)
+            name = RefuseReason.NAMES.get(ref.reason, str(ref.reason))
+            raise AuthError(f"peer refused us: {name}: {ref.text}", ref.reason, remote=True)
+        if hdr.type == MsgType.HELLO:
+            version = HANDSHAKE_HEADER_VERSION
+        if hdr.version != version:
+            raise AuthError(f"handshake frame has version {hdr.version}, expected {version}",
+                            RefuseReason.BAD_VERSION)
+        if hdr.type not in allowed:
+            raise ProtocolError(f"unexpected message type {hdr.type} during the handshake")
+        return decode_payload(hdr.type, payload), raw_hdr + payload
+
+    def hello(self) -> Hello:
+        return Hello(VERSION_MIN, VERSION_MAX, self.me.cluster, self.me.node_id,
+                     self.me.node_name, self.nonce, self.me.capabilities)
+
+    async def run(self) -> Channel:
+        try:
+            return await (self._initiate() if self.initiator else self._respond())
+        except AuthError as exc:
+            if not exc.remote:
+                await self.refuse(exc.reason)
+            raise
+        except ProtocolError:
+            await self.refuse(RefuseReason.PROTOCOL_ERROR)
+            raise
+
+    async def _initiate(self) -> Channel:
+        my_hello = await self.send(self.hello())
+        msg, peer_hello_frame = await self.recv((MsgType.HELLO,))
+        assert isinstance(msg, Hello)
+        version = _negotiate(self.me, msg)
+        transcript = auth.transcript_hash(my_hello, peer_hello_frame)
+        await self.send(Auth(auth.proof(self.key, transcript, initiator=True)))
+        proof_msg, _ = await self.recv((MsgType.AUTH,))
+        assert isinstance(proof_msg, Auth)
+        if not auth.check_proof(self.key, transcript, False, proof_msg.proof):
+            raise AuthError("peer's proof is wrong: it does not hold our key (or reflected ours)")
+        k_i2r, k_r2i = auth.session_keys(self.key, self.nonce, msg.nonce, transcript)
+        await self.send(AuthOk(), k_i2r, version)
+        return self._channel(msg, version, k_i2r, k_r2i)
+
+    async def _respond(self) -> Channel:
+        msg, peer_hello_frame = await self.recv((MsgType.HELLO,))
+        assert isinstance(msg, Hello)
+        version = _negotiate(self.me, msg)
+        my_hello = await self.send(self.hello())
+        transcript = auth.transcript_hash(peer_hello_frame, my_hello)
+        proof_msg, _ = await self.recv((MsgType.AUTH,))
+        assert isinstance(proof_msg, Auth)
+        if not auth.check_proof(self.key, transcript, True, proof_msg.proof):
+            raise AuthError("peer's proof is wrong: it does not hold our key")
+        # Only now do we prove ourselves, so a peer without the key never gets a proof of ours.
+        await self.send(Auth(auth.proof(self.key, transcript, initiator=False)))
+        k_i2r, k_r2i = auth.session_keys(self.key, msg.nonce, self.nonce, transcript)
+        await self.recv((MsgType.AUTH_OK,), k_i2r, version)
+        return self._channel(msg, version, k_r2i, k_i2r)
+
+    def _channel(self, hello: Hello, version: int, send_key: bytes,
+                 recv_key: bytes) -> Channel:
+        peer = PeerInfo(hello.cluster, hello.node_id, hello.node_name, hello.capabilities,
+                        version, self.initiator, _peername(self.writer))
+        return Channel(self.reader, self.writer, peer, send_key, recv_key, self.sent,
+                       self.received)
+
+
+class Channel:
+    """An authenticated connection to one peer. Build with `connect()` or `accept()`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 peer: PeerInfo, send_key: bytes, recv_key: bytes, send_counter: int,
+                 recv_counter: int) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.peer = peer
+        self.version = peer.version
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self._send_counter = send_counter
+        self._recv_counter = recv_counter
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, identity: Identity, key: bytes,
+                      timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                      ssl_context: ssl.SSLContext | None = None) -> Channel:
+        """Open a TCP (optionally TLS) connection and authenticate; `timeout` bounds both."""
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+        except TimeoutError:
+            raise ConnectionClosed(f"connecting to {host}:{port} timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionClosed(f"cannot connect to {host}:{port}: {exc}") from None
+        return await cls._handshake(reader, writer, identity, key, timeout, initiator=True)
+
+    @classmethod
+    async def accept(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     identity: Identity, key: bytes,
+                     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> Channel:
+        """Authenticate a connection a server accepted (e.g. from asyncio.start_server)."""
+        return await cls._handshake(reader, writer, identity, key, timeout, initiator=False)
+
+    @classmethod
+    async def _handshake(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         identity: Identity, key: bytes, timeout: float,
+                         initiator: bool) -> Channel:
+        hs = _Handshake(reader, writer, identity, key, initiator)
+        where = _peername(writer)
+        try:
+            async with asyncio.timeout(timeout):
+                channel = await hs.run()
+        except TimeoutError:
+            writer.close()
+            log.warning("peer %s: handshake timed out after %.1fs", where, timeout)
+            raise AuthError("handshake timed out", RefuseReason.TIMEOUT) from None
+        except (ProtocolError, ConnectionClosed) as exc:
+            writer.close()
+            log.warning("peer %s: handshake failed: %s", where, exc)
+            raise
+        except (ConnectionError, ssl.SSLError) as exc:
+            writer.close()
+            log.warning("peer %s: handshake failed: %s", where, exc)
+            raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
+        log.info("peer %s: authenticated as node %d (%s), protocol v%d", where,
+                 channel.peer.node_id, channel.peer.node_name, channel.version)
+        return channel
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _frame(self, message: Message, flags: int) -> bytes:
+        if message.TYPE in _HANDSHAKE_TYPES:
+            raise ValueError(f"{type(message).__name__} is only valid during the handshake")
+        frame = encode_frame(message, self._send_counter, self._send_key, self.version, flags)
+        self._send_counter += 1
+        return frame
+
+    async def send(self, message: Message, flags: int = 0) -> None:
+        """Send one message (ValueError if it cannot be encoded, e.g. a frame over 1 MiB)."""
+        await self.send_many((message,), flags)
+
+    async def send_many(self, messages: Iterable[Message], flags: int = 0) -> None:
+        """Send several messages with one drain: fewer wakeups for snapshot chunks."""
+        if self._closed:
+            raise ConnectionClosed("channel is closed")
+        frames = [self._frame(m, flags) for m in messages]
+        try:
+            self._writer.writelines(frames)
+            await self._writer.drain()
+        except (ConnectionError, ssl.SSLError) as exc:
+            self.close()
+            raise ConnectionClosed(f"connection lost: {exc}") from None
+
+    async def recv(self) -> Message:
+        """Next message. Raises ProtocolError (connection now closed), PeerRefused or
+        ConnectionClosed. Frames of unknown type flagged IGNORABLE are skipped."""
+        if self._closed:
+            raise ConnectionClosed("channel is closed")
+        while True:
+            try:
+                hdr, _raw, payload = await _read_frame(self._reader, self._recv_counter,
+                                                       self._recv_key, self.version)
+                self._recv_counter += 1
+                if hdr.type not in MESSAGE_CLASSES:
+                    if hdr.flags & FLAG_IGNORABLE:
+                        continue
+                    raise ProtocolError(f"unknown message type {hdr.type}")
+                if hdr.type in _HANDSHAKE_TYPES:
+                    raise ProtocolError(f"handshake message type {hdr.type} after the handshake")
+                msg = decode_payload(hdr.type, payload)
+            except ProtocolError as exc:
+                log.warning("peer %d (%s): %s; closing", self.peer.node_id,
+                            self.peer.node_name, exc)
+                self._refuse_and_close(RefuseReason.PROTOCOL_ERROR, str(exc))
+                raise
+            except ConnectionClosed:
+                self.close()
+                raise
+            if isinstance(msg, Refuse):
+                self.close()
+                raise PeerRefused(msg.reason, msg.text)
+            return msg
+
+    def _refuse_and_close(self, reason: int, text: str) -> None:
+        if not self._closed and not self._writer.is_closing():
+            try:
+                self._writer.write(self._frame(Refuse(reason, text), 0))
+            except (ConnectionError, ssl.SSLError) as exc:
+                log.debug("could not send REFUSE: %s", exc)
+        self.close()
+
+    async def refuse(self, reason: int, text: str = "") -> None:
+        """Tell the peer why we are closing (e.g. RefuseReason.SHUTDOWN), then close."""
+        self._refuse_and_close(reason, text)
+        await self.wait_closed()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, ssl.SSLError) as exc:
+            log.debug("peer %d: %s while closing", self.peer.node_id, exc)
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        return (f"<Channel peer={self.peer.node_id}:{self.peer.node_name} v{self.version} "
+                f"{'closed' if self._closed else 'open'}>")
+
+
+__all__ = ["Channel", "ConnectionClosed", "Identity", "PeerInfo", "PeerRefused",
+           "PROTOCOL_VERSION"]

@@ -1,4 +1,4 @@
-"""Errors a user can cause. Each carries a one-line message; the CLI prints it and exits non-zero."""
+"""Errors a user can cause: each carries a one-line message; the CLI prints it, exits non-zero."""
 
 from __future__ import annotations
 

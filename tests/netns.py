@@ -23,7 +23,7 @@ def create(prefix: str = "nst") -> str:
 
 
 def delete(name: str) -> None:
-    """Kill what still runs in the namespace (by pid, as `ip netns pids` reports), then delete it."""
+    """Kill what still runs in the namespace (pids from `ip netns pids`), then delete it."""
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
     for pid in pids.split():
         with contextlib.suppress(ProcessLookupError):

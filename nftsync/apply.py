@@ -1,0 +1,331 @@
+"""`nftsync apply`: load a farm file in one transaction and keep its live sessions.
+
+The transaction, for each table the file declares:
+
+    add table F T; flush table F T          every rule goes; sets, maps and chains stay
+    delete chain/map/set ...                what the file no longer has, or has redefined
+    flush map/set ...                       the user's own static sets: the file re-adds them
+    include "FILE"                          the farm as written
+    add element ...                         sessions carried over from re-created maps
+    delete element ...                      sessions of backends the file removed
+    flush map <states>; add element ...     backend states, recomputed for the new backends
+
+Session maps whose definition did not change are never dumped (a big timeout map is slow to dump):
+`flush table` leaves them and their elements alone. Maps that must be re-created (timeout, size,
+flags, key type, renamed) are dumped first, and their sessions re-added with their remaining expiry.
+
+Rules cannot be compared with the kernel cheaply (listing a chain dumps every set of its table), so
+the digest of the file's evaluated ruleset is recorded per table under /run/nftsync/applied/; a
+re-apply of an unchanged file whose chains still have the same handles changes nothing. `--force`
+re-applies regardless (e.g. after someone edited the rules by hand).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nftsync import backends as backend_states
+from nftsync.errors import RulesetError
+from nftsync.model import Farm, Role, Session, SessionMap
+from nftsync.nft import Nft
+from nftsync.ruleset import (
+    Desired,
+    TableBlocks,
+    TableId,
+    chain_header,
+    current_farms,
+    current_tables,
+    discover_farms,
+    evaluate_file,
+)
+from nftsync.tables.nftmap import NftSessionMap
+
+STAMP_DIR = Path(os.environ.get("NFTSYNC_STATE_DIR", "/run/nftsync")) / "applied"
+OWNED = (Role.SESSIONS, Role.STATIC, Role.STATES)
+
+
+@dataclass
+class Change:
+    action: str  # create, delete, redefine, flush, keep, replace
+    kind: str  # table, chain, map, set, rules, flowtable
+    name: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action:9} {self.kind:9} {self.name}" + (f"  ({self.detail})"
+                                                               if self.detail else "")
+
+
+@dataclass
+class Plan:
+    path: str
+    changes: list[Change] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    restored: dict[str, int] = field(default_factory=dict)  # map -> sessions carried over
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    farms: list[str] = field(default_factory=list)
+    changed: bool = True
+    applied: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["changes"] = [asdict(c) for c in self.changes]
+        del d["commands"]
+        return d
+
+
+def check(path: str) -> Desired:
+    """Validate only: syntax and kernel checks, then the nftsync map convention."""
+    desired = evaluate_file(path)
+    discover_farms(desired.maps)
+    return desired
+
+
+def apply(path: str, *, dry_run: bool = False, force: bool = False,
+          nft: Nft | None = None) -> Plan:
+    nft = nft or Nft()
+    desired = evaluate_file(path)
+    try:
+        new_farms = discover_farms(desired.maps)
+    except RulesetError as exc:
+        raise RulesetError(f"{path}: {exc}") from None
+    plan = Plan(path=path, farms=sorted(new_farms))
+    wanted = set(desired.tables)
+    if not wanted:
+        raise RulesetError(f"{path}: declares no table; a farm file declares its table(s)")
+    current = current_tables(nft, wanted)
+    old_farms = current_farms(nft)
+    _plan(plan, desired, current, old_farms, new_farms, nft)
+    stamps = {tid: _table_digest(desired, tid) for tid in wanted}
+    structural = any(c.action not in ("keep", "flush") for c in plan.changes)
+    plan.changed = force or structural or bool(plan.dropped) or \
+        not _stamps_match(stamps, nft, wanted) or not _static_elements_match(desired, nft, current)
+    if not plan.changed:
+        plan.changes = [c for c in plan.changes if c.action == "keep"]
+        return plan
+    plan.changes.extend(Change("replace", "rules", f"{f} {t}") for f, t in sorted(wanted))
+    if dry_run:
+        return plan
+    nft.cmd("\n".join(plan.commands), what=f"apply {path}")
+    plan.applied = True
+    _write_stamps(stamps, nft, wanted)
+    return plan
+
+
+def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
+          old_farms: dict[str, Farm], new_farms: dict[str, Farm], nft: Nft) -> None:
+    cmds = plan.commands
+    for fam, name in sorted(desired.tables):
+        if (fam, name) not in current:
+            plan.changes.append(Change("create", "table", f"{fam} {name}"))
+        cmds += [f"add table {fam} {name}", f"flush table {fam} {name}"]
+
+    owned_old = {(m.ref.family, m.ref.table, m.ref.name): m
+                 for farm in old_farms.values() for m in farm.maps.values()}
+    restore: list[tuple[SessionMap, list[Session]]] = []
+    after: list[str] = []
+
+    desired_chains = {(c["chain"]["family"], c["chain"]["table"], c["chain"]["name"]):
+                      chain_header(c["chain"]) for c in desired.chains if "chain" in c}
+    for tid, blk in sorted(current.items()):
+        fam, table = tid
+        want = desired.tables.get(tid)
+        for (kind, name), body in sorted(blk.objects.items()):
+            full = f"{fam} {table} {name}"
+            if kind == "chain":
+                new_head = desired_chains.get((fam, table, name))
+                if new_head is None:
+                    cmds.append(f"delete chain {full}")
+                    plan.changes.append(Change("delete", "chain", full))
+                elif new_head != body:
+                    cmds.append(f"delete chain {full}")
+                    plan.changes.append(Change("redefine", "chain", full, f"{body} -> {new_head}"))
+                continue
+            if kind == "flowtable":
+                if want is None or (kind, name) not in want.objects:
+                    cmds.append(f"delete flowtable {full}")
+                    plan.changes.append(Change("delete", "flowtable", full))
+                continue
+            if kind not in ("set", "map"):
+                continue
+            new_body = want.objects.get((kind, name)) if want else None
+            old = owned_old.get((fam, table, name))
+            if old is not None and old.role in OWNED:
+                target = _target_map(old, new_farms)
+                same = target is not None and target.ref == old.ref and new_body == body
+                if same:
+                    plan.changes.append(Change("keep", kind, full, f"{old.role.value} of farm "
+                                               f"{old.farm}, elements kept without a dump"))
+                    if old.role is not Role.STATES:
+                        after += _drop_removed_backends(plan, old, old_farms, new_farms, nft)
+                    continue
+                sessions = NftSessionMap(old, nft).list() if old.role is not Role.STATES else []
+                cmds.append(f"delete {kind} {full}")
+                if target is None:
+                    plan.changes.append(Change("delete", kind, full, f"{old.role.value} of farm "
+                                               f"{old.farm}, {len(sessions)} session(s) dropped"))
+                    plan.dropped += [_dropped(old, s, "map removed from the file")
+                                     for s in sessions]
+                else:
+                    plan.changes.append(Change("redefine", kind, full,
+                                               f"{len(sessions)} session(s) carried over"
+                                               + (f" into {target.ref}" if target.ref != old.ref
+                                                  else "")))
+                    restore.append((target, sessions))
+                continue
+            if new_body is None:
+                cmds.append(f"delete {kind} {full}")
+                plan.changes.append(Change("delete", kind, full))
+            elif new_body != body:
+                cmds.append(f"delete {kind} {full}")
+                plan.changes.append(Change("redefine", kind, full))
+            elif "timeout" in body or "dynamic" in body:
+                plan.changes.append(Change("keep", kind, full, "dynamic, elements kept"))
+            else:
+                cmds.append(f"flush {kind} {full}")
+                plan.changes.append(Change("flush", kind, full, "elements reloaded from the file"))
+
+    for tid, blk in sorted(desired.tables.items()):
+        have = current.get(tid)
+        for (kind, name) in sorted(blk.objects):
+            if kind in ("set", "map", "chain") and (have is None or (kind, name) not in
+                                                    have.objects):
+                plan.changes.append(Change("create", kind, f"{tid[0]} {tid[1]} {name}"))
+
+    cmds.append(f'include "{_quoted_path(plan.path)}"')
+    for target, sessions in restore:
+        kept = _carry_over(plan, target, sessions, new_farms)
+        plan.restored[str(target.ref)] = len(kept)
+        cmds += NftSessionMap(target, nft).commands(add=kept)
+    cmds += after
+    for farm in new_farms.values():
+        if Role.STATES not in farm.maps:
+            continue
+        old = old_farms.get(farm.name)
+        states = {m: s for m, s in (old.states if old else {}).items() if m in farm.backends}
+        farm.states = states
+        cmds += backend_states.states_commands(farm, states)
+
+
+def _target_map(old: SessionMap, new_farms: dict[str, Farm]) -> SessionMap | None:
+    farm = new_farms.get(old.farm)
+    return farm.maps.get(old.role) if farm else None
+
+
+def _carry_over(plan: Plan, target: SessionMap, sessions: list[Session],
+                new_farms: dict[str, Farm]) -> list[Session]:
+    """Sessions that fit the re-created map, with their remaining expiry (capped at its timeout)."""
+    backends = new_farms[target.farm].backends
+    kept = []
+    for s in sessions:
+        if len(s.key) != len(target.key_type):
+            why = f"key does not fit {' . '.join(target.key_type)}"
+            plan.dropped.append(_dropped(target, s, why))
+        elif s.mark not in backends:
+            plan.dropped.append(_dropped(target, s, f"backend {s.mark:#x} no longer exists"))
+        elif target.role is Role.STATIC:
+            kept.append(Session(key=s.key, mark=s.mark, comment=s.comment))
+        else:
+            expires = s.expires if s.expires is not None else target.timeout
+            if target.timeout is not None and expires is not None:
+                expires = min(expires, target.timeout)
+            kept.append(Session(key=s.key, mark=s.mark, expires=expires, comment=s.comment))
+    return kept
+
+
+def _drop_removed_backends(plan: Plan, smap: SessionMap, old_farms: dict[str, Farm],
+                           new_farms: dict[str, Farm], nft: Nft) -> list[str]:
+    """Delete the sessions of backends the file removed (dumps the map only in that case)."""
+    old = old_farms.get(smap.farm)
+    new = new_farms.get(smap.farm)
+    gone = set(old.backends) - set(new.backends) if old and new else set()
+    if not gone:
+        return []
+    table = NftSessionMap(smap, nft)
+    doomed = [s for s in table.list() if s.mark in gone]
+    plan.dropped += [_dropped(smap, s, f"backend {s.mark:#x} no longer exists") for s in doomed]
+    return table.commands(delete=[s.key for s in doomed])
+
+
+def _dropped(smap: SessionMap, s: Session, why: str) -> dict[str, Any]:
+    return {"map": str(smap.ref), "farm": smap.farm, "key": s.key_text, "backend": f"{s.mark:#x}",
+            "reason": why}
+
+
+def _quoted_path(path: str) -> str:
+    full = os.path.abspath(path)
+    if '"' in full or "\n" in full:
+        raise RulesetError(f"{path}: a file name with quotes or newlines cannot be included")
+    return full
+
+
+def _table_digest(desired: Desired, tid: TableId) -> str:
+    blk = desired.tables[tid]
+    text = json.dumps([blk.attrs, sorted(blk.objects.items())])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _chain_handles(nft: Nft, tid: TableId) -> dict[str, int]:
+    return {c["chain"]["name"]: c["chain"]["handle"] for c in nft.list_json("chains")
+            if "chain" in c and (c["chain"]["family"], c["chain"]["table"]) == tid}
+
+
+def _stamp_path(tid: TableId) -> Path:
+    return STAMP_DIR / f"{tid[0]}-{tid[1]}.json"
+
+
+def _stamps_match(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) -> bool:
+    for tid in wanted:
+        try:
+            stamp = json.loads(_stamp_path(tid).read_text())
+        except (OSError, ValueError):
+            return False
+        if stamp.get("digest") != stamps[tid] or stamp.get("chains") != _chain_handles(nft, tid):
+            return False
+    return True
+
+
+def _write_stamps(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) -> None:
+    STAMP_DIR.mkdir(parents=True, exist_ok=True)
+    for tid in wanted:
+        doc = {"digest": stamps[tid], "chains": _chain_handles(nft, tid), "time": time.time()}
+        tmp = _stamp_path(tid).with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(_stamp_path(tid))
+
+
+def _static_elements_match(desired: Desired, nft: Nft,
+                           current: dict[TableId, TableBlocks]) -> bool:
+    """The file's own elements (non-dynamic sets, backends, static pins) are all in the kernel."""
+    for wrapper in desired.maps + desired.sets:
+        kind = "map" if "map" in wrapper else "set"
+        obj = wrapper[kind]
+        if not obj.get("elem") or "timeout" in obj.get("flags", []):
+            continue
+        tid = (obj["family"], obj["table"])
+        if tid not in current or (kind, obj["name"]) not in current[tid].objects:
+            return False
+        have = nft.list_json(f"{kind} {obj['family']} {obj['table']} {obj['name']}")
+        have_elems = have[0][kind].get("elem", []) if have else []
+        want = {json.dumps(e, sort_keys=True) for e in obj["elem"]}
+        got = {json.dumps(e, sort_keys=True) for e in have_elems}
+        if comment_is_states(obj):
+            continue
+        if not want <= got or (not comment_is_owned(obj) and want != got):
+            return False
+    return True
+
+
+def comment_is_owned(obj: dict[str, Any]) -> bool:
+    c = obj.get("comment") or ""
+    return c.startswith(("nftsync:sessions", "nftsync:static", "nftsync:states"))
+
+
+def comment_is_states(obj: dict[str, Any]) -> bool:
+    return (obj.get("comment") or "").startswith("nftsync:states")

@@ -1,0 +1,248 @@
+"""Reading farms: what a ruleset file declares, and what the kernel holds now.
+
+The desired state comes from evaluating the file in an empty network namespace (see
+`nftsync.isolated`). The current state is read with the cheap listings only (`list sets`, `list
+maps`, `list chains`, and single small maps): never a listing that would dump a big session map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from nftsync.errors import RulesetError
+from nftsync.model import (
+    BackendState,
+    Farm,
+    MapRef,
+    Role,
+    SessionMap,
+    key_from_json,
+    key_type_of,
+    parse_comment,
+)
+from nftsync.nft import Nft, first_error
+
+TableId = tuple[str, str]  # (family, table name)
+ObjectId = tuple[str, str]  # (kind, name), kind in chain/set/map/flowtable/counter/...
+
+_OBJECT_KINDS = ("chain", "set", "map", "flowtable", "counter", "quota", "limit", "secmark",
+                 "synproxy", "ct helper", "ct timeout", "ct expectation")
+
+
+@dataclass
+class TableBlocks:
+    """One table of a terse, stateless `nft list` output, split into its objects' text blocks."""
+
+    family: str
+    name: str
+    attrs: list[str] = field(default_factory=list)
+    objects: dict[ObjectId, str] = field(default_factory=dict)
+
+
+def parse_listing(text: str) -> dict[TableId, TableBlocks]:
+    """Split nft's own listing format (tab-indented blocks) into tables and objects."""
+    tables: dict[TableId, TableBlocks] = {}
+    table: TableBlocks | None = None
+    obj: ObjectId | None = None
+    body: list[str] = []
+    for line in text.splitlines():
+        if table is None:
+            if line.startswith("table ") and line.endswith("{"):
+                _, family, name, _brace = line.split(" ", 3)
+                table = tables.setdefault((family, name), TableBlocks(family, name))
+            continue
+        if obj is None:
+            if line == "}":
+                table = None
+            elif line.startswith("\t") and not line.startswith("\t\t") and line.endswith("{"):
+                header = line.strip()[:-1].strip()
+                kind = next((k for k in _OBJECT_KINDS if header.startswith(k + " ")), None)
+                if kind is None:
+                    raise RulesetError(f"unexpected object in nft listing: {header!r}")
+                obj = (kind, header[len(kind) + 1:].strip())
+                body = []
+            elif line.strip():
+                table.attrs.append(line.strip())
+            continue
+        if line == "\t}":
+            table.objects[obj] = "\n".join(body)
+            obj = None
+        else:
+            body.append(line.strip())
+    return tables
+
+
+@dataclass
+class Desired:
+    """What a ruleset file declares."""
+
+    path: str
+    tables: dict[TableId, TableBlocks]
+    maps: list[dict[str, Any]]  # `list maps` JSON objects (with elements)
+    sets: list[dict[str, Any]]
+    chains: list[dict[str, Any]]
+    text: str
+
+    @property
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def evaluate_file(path: str) -> Desired:
+    """Check the file in the real kernel (dry run), then evaluate it in an empty namespace."""
+    if not os.path.exists(path):
+        raise RulesetError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise RulesetError(f"{path}: not a regular file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read(4 * 1024 * 1024 + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesetError(f"{path}: cannot read: {exc}") from None
+    if len(source) > 4 * 1024 * 1024:
+        raise RulesetError(f"{path}: larger than 4 MiB; a farm file should not be")
+    for number, line in enumerate(source.splitlines(), 1):
+        stripped = line.split("#", 1)[0].split()
+        if stripped[:2] == ["flush", "ruleset"] or stripped[:1] == ["destroy"]:
+            raise RulesetError(
+                f"{path}:{number}: '{' '.join(stripped[:2])}' would drop every live session; "
+                "nftsync replaces the file's tables itself, so remove that line")
+    Nft().check_file(path)
+    proc = subprocess.run(
+        ["unshare", "--net", sys.executable, "-m", "nftsync.isolated", os.path.abspath(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if proc.returncode != 0:
+        raise RulesetError(first_error(proc.stderr, context=path) + " (while evaluating the file "
+                           "in an empty network namespace: refer to interfaces by iifname/oifname)")
+    doc = json.loads(proc.stdout)
+    return Desired(path=path, tables=parse_listing(doc["text"]), maps=doc["maps"],
+                   sets=doc["sets"], chains=doc["chains"], text=doc["text"])
+
+
+def _elements(obj: dict[str, Any]) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """(key, value, elem attributes) of a JSON map's elements, in both shapes libnftables uses."""
+    out = []
+    for item in obj.get("elem", []) or []:
+        key, value = item if isinstance(item, list) else (item, None)
+        attrs: dict[str, Any] = {}
+        if isinstance(key, dict) and "elem" in key:
+            attrs = key["elem"]
+            key = attrs["val"]
+        out.append((key, value, attrs))
+    return out
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict) and "concat" in value:
+        return " . ".join(str(v) for v in value["concat"])
+    return str(value)
+
+
+def discover_farms(map_objs: list[dict[str, Any]], nft: Nft | None = None,
+                   tables: set[TableId] | None = None) -> dict[str, Farm]:
+    """Group the nftsync-marked maps into farms and check that they fit together.
+
+    Elements of backends/states maps come from `map_objs` when present (the isolated evaluation
+    lists them); otherwise they are fetched one small map at a time through `nft`.
+    """
+    farms: dict[str, Farm] = {}
+    for wrapper in map_objs:
+        obj = wrapper.get("map")
+        if obj is None:
+            continue
+        if tables is not None and (obj["family"], obj["table"]) not in tables:
+            continue
+        parsed = parse_comment(obj.get("comment"))
+        if parsed is None:
+            continue
+        role, farm_name, opts = parsed
+        ref = MapRef(obj["family"], obj["table"], obj["name"])
+        smap = SessionMap(ref=ref, role=role, farm=farm_name, key_type=key_type_of(obj),
+                          value_type=str(obj.get("map")), timeout=obj.get("timeout"),
+                          size=obj.get("size"), key_spec=opts.get("key", "saddr"))
+        _check_map(smap, obj)
+        farm = farms.setdefault(farm_name, Farm(farm_name))
+        if role in farm.maps:
+            raise RulesetError(f"farm {farm_name!r} has two {role.value} maps: "
+                               f"{farm.maps[role].ref} and {ref}")
+        farm.maps[role] = smap
+        if role in (Role.BACKENDS, Role.STATES):
+            if "elem" not in obj and nft is not None:
+                obj = nft.list_json(f"map {ref.family} {ref.table} {ref.name}")[0]["map"]
+            for key, value, attrs in _elements(obj):
+                if role is Role.BACKENDS:
+                    farm.backends[int(key)] = _value_text(value)
+                else:
+                    try:
+                        farm.states[int(key)] = BackendState(attrs.get("comment", "drain"))
+                    except ValueError:
+                        farm.states[int(key)] = BackendState.DRAIN
+    for farm in farms.values():
+        if (Role.SESSIONS in farm.maps or Role.STATIC in farm.maps) and \
+                Role.BACKENDS not in farm.maps:
+            raise RulesetError(f"farm {farm.name!r} has session maps but no map with comment "
+                               f"\"nftsync:backends farm={farm.name}\" (mark -> address)")
+    return farms
+
+
+def _check_map(smap: SessionMap, obj: dict[str, Any]) -> None:
+    where = f"map {smap.ref} ({smap.role.value} of farm {smap.farm!r})"
+    flags = obj.get("flags", [])
+    if smap.role in (Role.SESSIONS, Role.STATIC) and smap.value_type != "mark":
+        raise RulesetError(f"{where}: must map a client key to a mark, not to {smap.value_type}")
+    if smap.role is Role.SESSIONS and "timeout" not in flags:
+        raise RulesetError(f"{where}: a session map needs 'flags dynamic,timeout' and a timeout")
+    if smap.role is Role.STATIC and "timeout" in flags:
+        raise RulesetError(f"{where}: a static map must not have timeouts")
+    if smap.role is Role.BACKENDS and smap.key_type != ("mark",):
+        raise RulesetError(f"{where}: must be 'type mark : <address>'")
+    if smap.role is Role.STATES and (smap.key_type != ("mark",) or smap.value_type != "mark"):
+        raise RulesetError(f"{where}: must be 'type mark : mark'")
+
+
+def current_farms(nft: Nft | None = None) -> dict[str, Farm]:
+    """The farms the kernel holds now, found through the cheap `list maps` listing."""
+    nft = nft or Nft()
+    return discover_farms(nft.list_json("maps", terse=True), nft)
+
+
+def current_tables(nft: Nft, wanted: set[TableId]) -> dict[TableId, TableBlocks]:
+    """Set/map definitions (terse) and chain headers of the wanted tables, cheaply."""
+    text = nft.list_text("sets") + nft.list_text("maps")
+    tables = {tid: blk for tid, blk in parse_listing(text).items() if tid in wanted}
+    for obj in nft.list_json("chains"):
+        chain = obj.get("chain")
+        if chain is None:
+            continue
+        tid = (chain["family"], chain["table"])
+        if tid not in wanted:
+            continue
+        blk = tables.setdefault(tid, TableBlocks(*tid))
+        blk.objects[("chain", chain["name"])] = chain_header(chain)
+    for obj in nft.list_json("flowtables"):
+        ft = obj.get("flowtable")
+        if ft and (ft["family"], ft["table"]) in wanted:
+            blk = tables.setdefault((ft["family"], ft["table"]), TableBlocks(ft["family"],
+                                                                             ft["table"]))
+            blk.objects[("flowtable", ft["name"])] = "?"
+    return tables
+
+
+def chain_header(chain: dict[str, Any]) -> str:
+    """The part of a chain that `flush table` does not reset: its hook, type, priority, policy."""
+    if "hook" not in chain:
+        return "regular"
+    dev = chain.get("dev", "")
+    return f"{chain.get('type')} {chain['hook']} {chain.get('prio')} {dev} {chain.get('policy')}"
+
+
+def session_key(key: Any) -> tuple[str, ...]:
+    return key_from_json(key)

@@ -1,0 +1,85 @@
+#!/bin/sh
+# Boot Debian's 6.1 kernel under qemu (TCG, no network device) with the patched xt_recent and
+# run tests/vm/guest-test.sh inside; prints the guest's console (RESULT/SUMMARY lines).
+#
+#   compat/vm/run.sh [-k KVER] [-t TIMEOUT_S]
+#
+# Needs the packages compat/vm/setup.sh installs. Builds under $NFTSYNC_VM_DIR (default: .vm/ in
+# the repository, gitignored): the module (compat/kernel/build.sh), then an initramfs of
+# busybox-static + iptables-legacy (xtables-legacy-multi, its libraries, libxt_recent/standard)
+# + the modules x_tables ip_tables iptable_filter + xt_recent.ko. Exit status: 0 when the guest
+# reported SUMMARY with fail=0, 1 otherwise, 124 on timeout.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+kver=""
+timeout_s=90
+while getopts k:t: opt; do
+    case $opt in
+        k) kver=$OPTARG ;;
+        t) timeout_s=$OPTARG ;;
+        *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+    esac
+done
+[ -n "$kver" ] || kver=$(ls /lib/modules 2>/dev/null | grep '^6\.1\.' | sort -V | tail -n1 || true)
+vmdir=${NFTSYNC_VM_DIR:-$repo/.vm}
+kernel=/boot/vmlinuz-$kver
+moddir=/lib/modules/$kver/kernel
+for f in "$kernel" "$moddir/net/netfilter/x_tables.ko" /bin/busybox \
+         /usr/sbin/xtables-legacy-multi; do
+    [ -e "$f" ] || { echo "run.sh: missing $f (run compat/vm/setup.sh)" >&2; exit 1; }
+done
+command -v qemu-system-x86_64 > /dev/null || { echo "run.sh: no qemu-system-x86_64" >&2; exit 1; }
+
+ko=$("$here/../kernel/build.sh" -k "$kver" -o "$vmdir/module/$kver" | tail -n1)
+
+root=$vmdir/initramfs/$kver
+rm -rf "$root"
+mkdir -p "$root/bin" "$root/sbin" "$root/proc" "$root/sys" "$root/run" "$root/dev" \
+         "$root/modules" "$root/etc"
+cp /bin/busybox "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+for m in net/netfilter/x_tables net/ipv4/netfilter/ip_tables net/ipv4/netfilter/iptable_filter; do
+    src=$moddir/$m.ko
+    if [ -e "$src" ]; then cp "$src" "$root/modules/"
+    elif [ -e "$src.xz" ]; then xz -dc "$src.xz" > "$root/modules/$(basename "$m").ko"
+    else echo "run.sh: no module $m" >&2; exit 1; fi
+done
+cp "$ko" "$root/modules/xt_recent.ko"
+
+# iptables-legacy and what it loads: ldd's libraries, the two extensions the test uses (+icmp).
+xt=/usr/lib/x86_64-linux-gnu/xtables
+cp /usr/sbin/xtables-legacy-multi "$root/sbin/"
+ln -s xtables-legacy-multi "$root/sbin/iptables-legacy"
+mkdir -p "$root$xt"
+for ext in libxt_recent.so libxt_standard.so libipt_icmp.so libxt_icmp.so; do
+    [ -e "$xt/$ext" ] && cp "$xt/$ext" "$root$xt/"
+done
+for bin in /usr/sbin/xtables-legacy-multi "$root$xt"/*.so; do
+    ldd "$bin" | awk '/=>/ {print $3} /^\t\/lib/ {print $1}'
+done | sort -u | while read -r lib; do
+    [ -n "$lib" ] || continue
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+[ -e /lib64/ld-linux-x86-64.so.2 ] && mkdir -p "$root/lib64" \
+    && cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+echo 'root:x:0:0:root:/:/bin/sh' > "$root/etc/passwd"
+echo 'tcp 6 TCP' > "$root/etc/protocols"; echo 'icmp 1 ICMP' >> "$root/etc/protocols"
+cp "$here/init" "$root/init"
+cp "$repo/tests/vm/guest-test.sh" "$root/guest-test.sh"
+chmod +x "$root/init"
+initrd=$vmdir/initramfs-$kver.cpio.gz
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$initrd"
+
+hz=$(sed -n 's/^CONFIG_HZ=//p' "/boot/config-$kver" 2>/dev/null || true)
+log=$vmdir/console-$kver.log
+set +e
+timeout --kill-after=5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nographic \
+    -no-reboot -nic none -kernel "$kernel" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 quiet nftsync.hz=${hz:-250}" < /dev/null > "$log" 2>&1
+rc=$?
+set -e
+tr -d '\r' < "$log"
+[ $rc = 124 ] && { echo "run.sh: the VM did not finish within ${timeout_s}s" >&2; exit 124; }
+grep -q '^SUMMARY pass=[0-9]* fail=0' "$log" || exit 1

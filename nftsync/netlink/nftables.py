@@ -97,6 +97,7 @@ NFT_NAME_MAXLEN = 256
 NFT_USERDATA_MAXLEN = 256
 
 FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+_FAMILY_NAMES = tuple(FAMILIES.get(i, str(i)) for i in range(256))
 
 _VERDICTS = {0: "drop", 1: "accept", 2: "stolen", 3: "queue", 4: "repeat", 5: "stop",
              -1: "continue", -2: "break", -5: "return"}
@@ -317,9 +318,14 @@ def _value(buf: bytes, a: int, b: int) -> tuple[bytes | None, str | None]:
 
 
 def _element(buf: bytes, off: int, end: int) -> Element:
-    el = Element(b"")
+    """Decode one NFTA_LIST_ELEM (the hot path: one call per element event)."""
+    key = b""
+    data = verdict = comment = key_end = objref = None
+    timeout = expiration = None
+    flags = 0
+    nla = _NLA
     while end - off >= 4:
-        alen, t = _NLA(buf, off)
+        alen, t = nla(buf, off)
         if alen < 4 or alen > end - off:
             raise _Malformed(f"bad element attribute length {alen}")
         a = off + 4
@@ -327,46 +333,76 @@ def _element(buf: bytes, off: int, end: int) -> Element:
         t &= 0x3FFF
         if t == NFTA_SET_ELEM_KEY:
             # fast path: KEY holds exactly one NFTA_DATA_VALUE
-            klen, kt = _NLA(buf, a) if b - a >= 4 else (0, 0)
-            if (kt & 0x3FFF) == NFTA_DATA_VALUE and klen == b - a and klen - 4 <= 64:
-                el.key = buf[a + 4 : b]
+            klen, kt = nla(buf, a) if b - a >= 4 else (0, 0)
+            if (kt & 0x3FFF) == NFTA_DATA_VALUE and klen == b - a and klen <= 68:
+                key = buf[a + 4 : b]
             else:
-                key, _ = _value(buf, a, b)
-                el.key = key or b""
+                key = _value(buf, a, b)[0] or b""
         elif t == NFTA_SET_ELEM_DATA:
-            dlen, dt = _NLA(buf, a) if b - a >= 4 else (0, 0)
-            if (dt & 0x3FFF) == NFTA_DATA_VALUE and dlen == b - a and dlen - 4 <= 64:
-                el.data = buf[a + 4 : b]
+            dlen, dt = nla(buf, a) if b - a >= 4 else (0, 0)
+            if (dt & 0x3FFF) == NFTA_DATA_VALUE and dlen == b - a and dlen <= 68:
+                data = buf[a + 4 : b]
             else:
-                el.data, el.verdict = _value(buf, a, b)
-        elif t == NFTA_SET_ELEM_FLAGS:
-            el.flags = _u32(buf, a, b)
+                data, verdict = _value(buf, a, b)
         elif t == NFTA_SET_ELEM_TIMEOUT:
-            el.timeout_ms = _u64(buf, a, b)
+            if alen != 12:
+                raise _Malformed("element timeout of wrong size")
+            timeout = _BE64(buf, a)[0]
         elif t == NFTA_SET_ELEM_EXPIRATION:
-            el.expiration_ms = _u64(buf, a, b)
+            if alen != 12:
+                raise _Malformed("element expiration of wrong size")
+            expiration = _BE64(buf, a)[0]
+        elif t == NFTA_SET_ELEM_FLAGS:
+            flags = _u32(buf, a, b)
         elif t == NFTA_SET_ELEM_USERDATA:
-            el.comment = _udata_item(buf, a, b, NFTNL_UDATA_SET_ELEM_COMMENT)
+            comment = _udata_item(buf, a, b, NFTNL_UDATA_SET_ELEM_COMMENT)
         elif t == NFTA_SET_ELEM_KEY_END:
-            el.key_end, _ = _value(buf, a, b)
+            key_end = _value(buf, a, b)[0]
         elif t == NFTA_SET_ELEM_OBJREF:
-            el.objref = _str(buf, a, b)
+            objref = _str(buf, a, b)
         off += (alen + 3) & ~3
-    return el
+    return Element(key, data, verdict, timeout, expiration, comment, flags, key_end, objref)
+
+
+# Table and set names repeat in every element event: decode each distinct name once.
+_NAME_CACHE: dict[bytes, str] = {}
+_NAME_CACHE_MAX = 4096
+
+
+def _name(buf: bytes, a: int, b: int) -> str:
+    raw = buf[a:b]
+    name = _NAME_CACHE.get(raw)
+    if name is None:
+        name = _str(buf, a, b)
+        if len(_NAME_CACHE) < _NAME_CACHE_MAX:
+            _NAME_CACHE[raw] = name
+    return name
 
 
 def _setelem(op: str, family: str, buf: bytes, off: int, end: int, portid: int) -> SetElemEvent:
     table = set_name = ""
     elements: list[Element] = []
-    for t, a, b in _attrs(buf, off, end):
+    nla = _NLA
+    while end - off >= 4:
+        alen, t = nla(buf, off)
+        if alen < 4 or alen > end - off:
+            raise _Malformed(f"bad attribute length {alen}")
+        t &= 0x3FFF
         if t == NFTA_SET_ELEM_LIST_TABLE:
-            table = _str(buf, a, b)
+            table = _name(buf, off + 4, off + alen)
         elif t == NFTA_SET_ELEM_LIST_SET:
-            set_name = _str(buf, a, b)
+            set_name = _name(buf, off + 4, off + alen)
         elif t == NFTA_SET_ELEM_LIST_ELEMENTS:
-            for lt, x, y in _attrs(buf, a, b):
-                if lt == NFTA_LIST_ELEM:
-                    elements.append(_element(buf, x, y))
+            x = off + 4
+            lend = off + alen
+            while lend - x >= 4:
+                llen, lt = nla(buf, x)
+                if llen < 4 or llen > lend - x:
+                    raise _Malformed(f"bad list attribute length {llen}")
+                if lt & 0x3FFF == NFTA_LIST_ELEM:
+                    elements.append(_element(buf, x + 4, x + llen))
+                x += (llen + 3) & ~3
+        off += (alen + 3) & ~3
     return SetElemEvent(op, family, table, set_name, elements, portid)
 
 
@@ -484,8 +520,7 @@ def _decode(
                 else:
                     stats.unknown += 1
                 return None
-            family_no = buf[off]
-            family = FAMILIES.get(family_no) or str(family_no)
+            family = _FAMILY_NAMES[buf[off]]
             op, fn = entry
             ev = fn(op, family, buf, off + 4, end, portid)
             if isinstance(ev, SetElemEvent):
@@ -519,21 +554,40 @@ def decode_message(
     return _decode(msg_type, portid, buf, 0, len(buf), stats)
 
 
+_SETELEM_OPS = {(NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM: "add",
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM: "delete",
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DESTROYSETELEM: "delete"}
+
+
 def decode_datagram(data: bytes, stats: DecodeStats, out: list[NftEvent]) -> None:
     """Decode every netlink message in one received datagram, appending events to `out`."""
     end = len(data)
     off = 0
     decode = _decode
+    setelem_ops = _SETELEM_OPS
+    append = out.append
     while end - off >= 16:
         length, mtype, _flags, _seq, pid = _NLHDR(data, off)
         if length < 16 or length > end - off:
             stats.malformed += 1
             stats.last_error = f"bad nlmsg length {length}"
             return
-        if mtype >= 0x100:  # NLMSG_NOOP/ERROR/DONE are not events
+        op = setelem_ops.get(mtype)
+        if op is not None and length >= 20:
+            # hot path, inlined from _decode: one message per element
+            try:
+                ev = _setelem(op, _FAMILY_NAMES[data[off + 16]], data, off + 20, off + length, pid)
+            except (_Malformed, struct.error, IndexError) as e:
+                stats.malformed += 1
+                stats.last_error = f"nf_tables set element message: {e}"
+            else:
+                stats.events += 1
+                stats.elements += len(ev.elements)
+                append(ev)
+        elif mtype >= 0x100:  # NLMSG_NOOP/ERROR/DONE are not events
             ev = decode(mtype, pid, data, off + 16, off + length, stats)
             if ev is not None:
-                out.append(ev)
+                append(ev)
         off += (length + 3) & ~3
 
 

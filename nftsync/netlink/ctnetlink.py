@@ -337,11 +337,11 @@ _N = NLA_F_NESTED
 _T4_EXPECT = (20, CTA_TUPLE_IP | _N, 8, CTA_IP_V4_SRC, 8, CTA_IP_V4_DST,
               28, CTA_TUPLE_PROTO | _N, 5, CTA_PROTO_NUM, 6, CTA_PROTO_SRC_PORT,
               6, CTA_PROTO_DST_PORT)
-_T6_EXPECT = (36, CTA_TUPLE_IP | _N, 20, CTA_IP_V6_SRC, 20, CTA_IP_V6_DST,
+_T6_EXPECT = (44, CTA_TUPLE_IP | _N, 20, CTA_IP_V6_SRC, 20, CTA_IP_V6_DST,
               28, CTA_TUPLE_PROTO | _N, 5, CTA_PROTO_NUM, 6, CTA_PROTO_SRC_PORT,
               6, CTA_PROTO_DST_PORT)
 _T4_LEN = 48
-_T6_LEN = 64
+_T6_LEN = 72
 _TMASK = 0x3FFF
 
 
@@ -724,7 +724,7 @@ def _tuple_nest(nest: int, family: int, proto: int, src: bytes, dst: bytes, spor
             return _TUP4(52, nest | _N, 20, CTA_TUPLE_IP | _N, 8, CTA_IP_V4_SRC, src,
                          8, CTA_IP_V4_DST, dst, 28, CTA_TUPLE_PROTO | _N, 5, CTA_PROTO_NUM,
                          proto, 6, CTA_PROTO_SRC_PORT, sp, 6, CTA_PROTO_DST_PORT, dp)
-        return _TUP6(68, nest | _N, 36, CTA_TUPLE_IP | _N, 20, CTA_IP_V6_SRC, src,
+        return _TUP6(76, nest | _N, 44, CTA_TUPLE_IP | _N, 20, CTA_IP_V6_SRC, src,
                      20, CTA_IP_V6_DST, dst, 28, CTA_TUPLE_PROTO | _N, 5, CTA_PROTO_NUM,
                      proto, 6, CTA_PROTO_SRC_PORT, sp, 6, CTA_PROTO_DST_PORT, dp)
     if family == AF_INET:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +175,9 @@ def test_header_checks() -> None:
 # ----------------------------------------------------------------------------- loopback helpers
 
 @contextlib.asynccontextmanager
-async def server(identity: Identity = B, key: bytes = KEY,
-                 timeout: float = 5.0) -> AsyncIterator[tuple[int, asyncio.Queue]]:
+async def server(identity: Identity = B, key: bytes = KEY, timeout: float = 5.0,
+                 ssl_context: ssl.SSLContext | None = None,
+                 ) -> AsyncIterator[tuple[int, asyncio.Queue]]:
     """A listening peer on 127.0.0.1:<ephemeral>; each accept's Channel or error goes to a queue."""
     results: asyncio.Queue = asyncio.Queue()
     accepted: list[Channel] = []
@@ -188,7 +191,7 @@ async def server(identity: Identity = B, key: bytes = KEY,
         accepted.append(ch)
         await results.put(ch)
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ssl_context)
     port = srv.sockets[0].getsockname()[1]
     try:
         yield port, results
@@ -289,6 +292,77 @@ def test_unsupported_version_refused(vmin: int, vmax: int, hdr_version: int) -> 
             serr = await results.get()
             assert isinstance(serr, AuthError) and serr.reason == RefuseReason.BAD_VERSION
             writer.close()
+
+    run(main())
+
+
+def test_newer_initiator_is_served_at_our_version() -> None:
+    """A v2 node advertising 1..2 with extra HELLO fields is spoken to in v1 (docs: Versioning).
+
+    The initiator side is written by hand from the spec, which also checks docs/protocol.md's
+    key schedule against the implementation.
+    """
+    async def main() -> None:
+        async with server() as (port, results):
+            reader, writer = await raw_client(port)
+            nonce = os.urandom(32)
+            payload = Hello(1, 2, "lab", 5, "v2node", nonce, 0x80000003).encode_payload()
+            payload += b"\x01\x02future-field"
+            my_hello = HEADER.pack(MAGIC, 1, Hello.TYPE, 0, len(payload), 0) + payload
+            writer.write(my_hello)
+            hdr, peer_payload = await read_frame_raw(reader)
+            peer = decode_payload(hdr.type, peer_payload)
+            assert isinstance(peer, Hello) and peer.node_id == 2
+            assert (peer.version_min, peer.version_max) == (1, 1)
+            transcript = auth.transcript_hash(my_hello, HEADER.pack(*_fields(hdr)) + peer_payload)
+            writer.write(encode_frame(Auth(auth.proof(KEY, transcript, True)), 1, None))
+            hdr, proof = await read_frame_raw(reader)
+            assert hdr.type == Auth.TYPE and auth.check_proof(KEY, transcript, False, proof)
+            k_i2r, k_r2i = auth.session_keys(KEY, nonce, peer.nonce, transcript)
+            writer.write(encode_frame(AuthOk(), 2, k_i2r, version=1))
+            writer.write(encode_frame(Ack(77), 3, k_i2r, version=1))
+            srv = await results.get()
+            assert isinstance(srv, Channel), srv
+            assert srv.version == 1 and srv.peer.capabilities == 0x80000003
+            assert await srv.recv() == Ack(77)
+            await srv.send(Heartbeat(1, 77))
+            raw = await reader.readexactly(20 + 16 + 16)
+            frames.verify_tag(k_r2i, raw[:20], raw[20:36], raw[36:])
+            assert decode_payload(raw[5], raw[20:36]) == Heartbeat(1, 77)
+            writer.close()
+
+    run(main())
+
+
+def _fields(hdr: frames.FrameHeader) -> tuple:
+    return (MAGIC, hdr.version, hdr.type, hdr.flags, hdr.length, hdr.counter)
+
+
+def test_tls_pass_through(tmp_path: Path) -> None:
+    """Optional TLS underneath: same handshake and frames inside a TLS stream on loopback."""
+    cert, keyf = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(keyf), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=nftsync-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, keyf)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        async with server(ssl_context=server_ctx) as (port, results):
+            client = await Channel.connect("127.0.0.1", port, A, KEY, timeout=5,
+                                           ssl_context=client_ctx)
+            srv = await results.get()
+            assert isinstance(srv, Channel)
+            assert srv._writer.get_extra_info("ssl_object") is not None
+            await client.send(Updates(1, [SESS, CT]))
+            assert await srv.recv() == Updates(1, [SESS, CT])
+            client.close()
+            await client.wait_closed()
+            with pytest.raises(ConnectionClosed):
+                await srv.recv()
 
     run(main())
 
@@ -428,11 +502,13 @@ def test_oversized_length_closes_before_reading_body() -> None:
     run(main())
 
 
-def test_oversized_length_during_handshake() -> None:
+@pytest.mark.parametrize("length", [0xFFFFFFFF, MAX_PAYLOAD + 1, frames.MAX_HANDSHAKE_PAYLOAD + 1])
+def test_oversized_length_during_handshake(length: int) -> None:
+    """Before authentication even the 1 MiB frame limit is too generous: 4 KiB is the cap."""
     async def main() -> None:
         async with server() as (port, results):
             reader, writer = await raw_client(port)
-            writer.write(HEADER.pack(MAGIC, 1, Hello.TYPE, 0, 0xFFFFFFFF, 0))
+            writer.write(HEADER.pack(MAGIC, 1, Hello.TYPE, 0, length, 0))
             serr = await results.get()
             assert isinstance(serr, ProtocolError) and "exceeds" in str(serr)
             hdr, payload = await read_frame_raw(reader)

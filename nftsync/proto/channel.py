@@ -20,6 +20,7 @@ from nftsync.proto.frames import (
     CAP_DEFAULT,
     FLAG_IGNORABLE,
     HEADER_LEN,
+    MAX_HANDSHAKE_PAYLOAD,
     MAX_NAME,
     MESSAGE_CLASSES,
     NONCE_LEN,
@@ -197,6 +198,9 @@ class _Handshake:
         """Next handshake frame: one of `allowed`, or an untagged REFUSE -> AuthError(remote)."""
         raw_hdr = await _read_exact(self.reader, HEADER_LEN, True)
         hdr = parse_header(raw_hdr)
+        if hdr.length > MAX_HANDSHAKE_PAYLOAD:
+            raise ProtocolError(f"handshake frame of {hdr.length} bytes exceeds the "
+                                f"{MAX_HANDSHAKE_PAYLOAD} limit")
         tagged = key is not None and hdr.type != MsgType.REFUSE
         body = await _read_exact(self.reader, hdr.length + (TAG_LEN if tagged else 0), False)
         payload = body[:hdr.length]

@@ -32,6 +32,9 @@ TAG_LEN = 16
 #: Hard bound on a payload. Checked on the header before a single payload byte is read.
 MAX_PAYLOAD = 1 << 20
 
+#: Bound on handshake payloads: a peer that has not authenticated cannot make us buffer 1 MiB.
+MAX_HANDSHAKE_PAYLOAD = 4096
+
 #: Flag: a receiver that does not know this message type may skip the frame instead of failing.
 FLAG_IGNORABLE = 0x0001
 KNOWN_FLAGS = FLAG_IGNORABLE
@@ -368,13 +371,15 @@ class Hello(Message):
         if len(mv) < _HELLO_FIXED.size:
             raise ProtocolError("HELLO too short")
         vmin, vmax, caps, node_id, nonce, clen, nlen = _HELLO_FIXED.unpack_from(mv, 0)
-        if _HELLO_FIXED.size + clen + nlen != len(mv):
+        # Later versions may append fields after the names; v1 ignores them (they are still
+        # covered by the handshake transcript, which hashes the HELLO frames as sent).
+        if _HELLO_FIXED.size + clen + nlen > len(mv):
             raise ProtocolError("HELLO length mismatch")
         if not 0 < clen <= MAX_NAME or not 0 < nlen <= MAX_NAME:
             raise ProtocolError("HELLO name length out of range")
         p = _HELLO_FIXED.size
         cluster = _text(mv[p:p + clen], "cluster name")
-        name = _text(mv[p + clen:], "node name")
+        name = _text(mv[p + clen:p + clen + nlen], "node name")
         return cls(vmin, vmax, cluster, node_id, name, nonce, caps)
 
 

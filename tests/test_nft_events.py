@@ -12,10 +12,12 @@ import select
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
 import netns
+import nftables
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +30,8 @@ from nftsync.netlink.nftables import (
     SetElemEvent,
     SetEvent,
     TableEvent,
+    Transaction,
+    TransactionAssembler,
     datatype_names,
     decode_datagram,
     decode_message,
@@ -215,6 +219,48 @@ def test_newgen_names_the_committing_process(lb: str, events: NftEventSocket) ->
     assert ev.portid != events.portid
 
 
+def test_refresh_and_readd(lb: str, events: NftEventSocket) -> None:
+    """Kernel >= 6.12: re-adding an element with `expires` refreshes it and notifies an add;
+    re-adding it identically without `expires` changes nothing and notifies nothing."""
+    nft(lb, "add element ip lb sessions { 10.0.0.1 : 0x200 }")
+    collect(events)
+    nft(lb, "add element ip lb sessions { 10.0.0.1 : 0x200 }")  # no-op
+    nft(lb, "add element ip lb sessions { 10.0.0.1 expires 50s : 0x200 }")  # refresh
+    evs = collect(events, gens=1)
+    (ev,) = elem_events(evs)
+    (el,) = ev.elements
+    assert ev.op == "add" and el.key == socket.inet_aton("10.0.0.1")
+    assert 49_000 <= el.expiration_ms <= 50_000
+    (listed,) = map_elements(lb, "ip", "lb", "sessions")
+    assert 48 <= listed[0]["elem"]["expires"] <= 50
+    # changing the value takes delete + add in one transaction: both are notified, in order
+    nft(lb, "delete element ip lb sessions { 10.0.0.1 }\n"
+            "add element ip lb sessions { 10.0.0.1 : 0x202 }")
+    evs = elem_events(collect(events))
+    assert [(e.op, e.elements[0].data) for e in evs] == [
+        ("delete", MARK.pack(0x200)), ("add", MARK.pack(0x202))]
+
+
+def test_libnftables_commit_is_attributed_to_our_thread(ns: str, events: NftEventSocket) -> None:
+    """The daemon writes through libnftables in-process: NEWGEN names our thread, and the
+    assembler attributes the transaction's element events to it."""
+    with netns.entered(ns):
+        ctx = nftables.Nftables()
+        rc, _, err = ctx.cmd("add table ip u; add map ip u m { type ipv4_addr : mark; }; "
+                             "add element ip u m { 1.2.3.4 : 0x1, 1.2.3.5 : 0x2 }")
+    assert rc == 0, err
+    txs = TransactionAssembler().feed(collect(events))
+    (tx,) = txs
+    assert isinstance(tx, Transaction) and tx.complete
+    assert tx.pid == threading.get_native_id()
+    with open("/proc/thread-self/comm") as f:
+        assert tx.name == f.read().strip()
+    keys = sorted(el.key for e in elem_events(tx.events) for el in e.elements)
+    assert keys == [socket.inet_aton("1.2.3.4"), socket.inet_aton("1.2.3.5")]
+    assert {e.portid for e in tx.events} == {tx.portid}
+    assert [type(e).__name__ for e in tx.events][:2] == ["TableEvent", "SetEvent"]
+
+
 def test_concatenated_key_map(ns: str, events: NftEventSocket) -> None:
     nft(ns, "table inet t { map c { type ipv4_addr . inet_service : mark; flags timeout; }; }")
     sets = [e for e in collect(events) if isinstance(e, SetEvent)]
@@ -278,14 +324,22 @@ def test_map_recreated_and_table_deleted(lb: str, events: NftEventSocket) -> Non
             "add map ip lb sessions { type ipv4_addr : mark; flags dynamic,timeout; "
             'timeout 60s; comment "nftsync:sessions farm=web key=saddr"; }')
     evs = collect(events)
+    # deleting a populated map notifies the set only, not its elements
+    assert elem_events(evs) == []
     sets = [(e.op, e.name, e.comment) for e in evs if isinstance(e, SetEvent)]
     assert sets[0][:2] == ("delete", "sessions")
     assert sets[-1] == ("add", "sessions", "nftsync:sessions farm=web key=saddr")
     assert map_elements(lb, "ip", "lb", "sessions") == []
+    nft(lb, "add element ip lb static { 10.0.0.3 : 0x3 }")
+    collect(events)
     nft(lb, "delete table ip lb")
     evs = collect(events)
     tables = [(e.op, e.family, e.name) for e in evs if isinstance(e, TableEvent)]
     assert tables == [("delete", "ip", "lb")]
+    # each map of the table gets a DELSET (before the DELTABLE); no element is notified
+    assert sorted(e.name for e in evs if isinstance(e, SetEvent)) == ["sessions", "static"]
+    assert all(e.op == "delete" for e in evs if isinstance(e, SetEvent))
+    assert elem_events(evs) == []
     assert netns.run(lb, "nft", "list", "tables").stdout.strip() == ""
 
 
@@ -338,6 +392,15 @@ def test_overrun_is_reported_not_raised(ns: str) -> None:
         small.close()
 
 
+def test_assembler_chunks_and_overrun() -> None:
+    el = SetElemEvent("add", "ip", "t", "m", [], 5)
+    asm = TransactionAssembler(max_pending=2)
+    out = asm.feed([el, el, el, GenEvent(3, 42, "nft", 5)])
+    assert [(t.complete, len(t.events), t.pid) for t in out] == [(False, 2, None), (True, 1, 42)]
+    out = asm.feed([el, Overrun(1), el, GenEvent(4, 43, "nft", 5)])
+    assert isinstance(out[0], Overrun) and len(out[1].events) == 1 and out[1].genid == 4
+
+
 # --- decoding untrusted bytes ---------------------------------------------------------------------
 # A real NEWSETELEM (concatenated key, timeout, expiration, comment) to mutate.
 SAMPLE = bytes.fromhex(
@@ -387,3 +450,22 @@ def test_mutated_messages_never_raise(msg_type: int, flips: list[tuple[int, int]
 def test_random_datagrams_never_raise(data: bytes) -> None:
     out: list = []
     decode_datagram(data, DecodeStats(), out)
+
+
+def _nlmsg(msg_type: int, payload: bytes) -> bytes:
+    msg = struct.pack("=IHHII", 16 + len(payload), msg_type, 0, 0, 1) + payload
+    return msg + b"\0" * (-len(msg) % 4)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0x0A0C, 0x0A0E, 0x0A1E, 0x0A09, 0x0A00, 0x0A0F, 2]),
+                          st.one_of(st.binary(max_size=300),
+                                    st.builds(lambda cut: SAMPLE[:cut],
+                                              st.integers(0, len(SAMPLE))))),
+                max_size=6))
+def test_well_framed_datagrams_never_raise(msgs: list[tuple[int, bytes]]) -> None:
+    """Valid netlink framing around random payloads reaches the set-element fast path."""
+    stats = DecodeStats()
+    out: list = []
+    decode_datagram(b"".join(_nlmsg(t, p) for t, p in msgs), stats, out)
+    assert len(out) == stats.events

@@ -650,6 +650,57 @@ class NftEventSocket:
         self.close()
 
 
+# --- transactions --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Transaction:
+    """The events of one committed transaction, closed by its NEWGEN.
+
+    `pid`/`name` are the committing task (its thread id: `threading.get_native_id()` for a
+    thread of ours using libnftables, the process pid for the nft tool) and `portid` the
+    netlink port it sent from. `complete` is False for a chunk cut off by `max_pending` (the
+    rest of that transaction follows in later chunks); such chunks have genid/pid/name None.
+    """
+
+    genid: int | None
+    pid: int | None
+    name: str | None
+    portid: int
+    events: list[NftEvent]
+    complete: bool = True
+
+
+class TransactionAssembler:
+    """Group an event stream into transactions, so each change can be attributed to its committer.
+
+    Why: the kernel names the committing process only in NEWGEN, which comes after the
+    transaction's element/set/table events (commits are serialised per namespace, so the
+    events of two transactions never interleave). After an `Overrun` the pending events are
+    dropped (their transaction is incomplete) and the Overrun is passed on: reconcile.
+    """
+
+    def __init__(self, max_pending: int = 100_000) -> None:
+        self.max_pending = max_pending
+        self._pending: list[NftEvent] = []
+
+    def feed(self, events: list[NftEvent]) -> list[Transaction | Overrun]:
+        out: list[Transaction | Overrun] = []
+        pending = self._pending
+        for ev in events:
+            if isinstance(ev, GenEvent):
+                out.append(Transaction(ev.genid, ev.pid, ev.name, ev.portid, pending))
+                pending = self._pending = []
+            elif isinstance(ev, Overrun):
+                pending.clear()
+                out.append(ev)
+            else:
+                pending.append(ev)
+                if len(pending) >= self.max_pending:
+                    portid = getattr(pending[0], "portid", 0)
+                    out.append(Transaction(None, None, None, portid, pending, complete=False))
+                    pending = self._pending = []
+        return out
+
+
 # --- nft datatypes -------------------------------------------------------------------------------
 # nft's datatype ids (src/datatype.h enum datatypes); a concatenation's id packs its components,
 # 6 bits each, first component in the highest bits.

@@ -85,12 +85,15 @@ lab_is_up() { [[ -d "$STATE" ]] && ns_exists sw; }
 
 require_up() { lab_is_up || die "lab '$LAB' is not up (run: LAB=$LAB $0 up)"; }
 
-proc_starttime() { # pid -> field 22 of /proc/pid/stat (comm may hold spaces: cut after ')')
+# Field 22 of /proc/pid/stat (comm may hold spaces: cut after the last ')'); fails for a pid that
+# is gone or a zombie (dead, only not reaped yet by whoever inherited it).
+proc_starttime() { # pid
     local stat
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
     stat=${stat##*) }
     # shellcheck disable=SC2086
     set -- $stat
+    [[ "$1" != Z ]] || return 1
     echo "${20}"
 }
 

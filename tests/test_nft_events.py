@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from nftsync.netlink.nftables import (
     DecodeStats,
     GenEvent,
+    NftEventError,
     NftEventSocket,
     Overrun,
     SetElemEvent,
@@ -279,6 +280,30 @@ def test_concatenated_key_map(ns: str, events: NftEventSocket) -> None:
     assert listed[0]["elem"]["val"]["concat"] == ["10.0.0.1", 80]
 
 
+def test_concat_layouts_match_kernel(ns: str, events: NftEventSocket) -> None:
+    """ether_addr pads to 8 in a concatenation, inet_proto to 4, mark is host order; NAT-style
+    concatenated data (`ipv4_addr . inet_service`) has the same layout as keys."""
+    nft(ns, "table ip t {\n"
+            "map a { type ether_addr . ipv4_addr . inet_proto : ipv4_addr . inet_service; }\n"
+            "map b { type mark . ipv4_addr : inet_service; }; }")
+    types = {e.name: (datatype_names(e.key_type), datatype_names(e.data_type))
+             for e in collect(events) if isinstance(e, SetEvent)}
+    assert types["a"] == (["ether_addr", "ipv4_addr", "inet_proto"], ["ipv4_addr", "inet_service"])
+    nft(ns, "add element ip t a { 02:00:00:00:00:01 . 10.0.0.1 . tcp : 10.0.1.1 . 80 }\n"
+            "add element ip t b { 0x10 . 1.1.1.1 : 443 }")
+    got = {e.set: e.elements[0] for e in elem_events(collect(events))}
+    ka, da = types["a"]
+    assert got["a"].key == join_concat(("02:00:00:00:00:01", "10.0.0.1", "tcp"), ka)
+    assert len(got["a"].key) == 16
+    assert format_value(got["a"].key, ka) == "02:00:00:00:00:01 . 10.0.0.1 . tcp"
+    assert got["a"].data == join_concat(("10.0.1.1", 80), da)
+    assert format_value(got["a"].data, da) == "10.0.1.1 . 80"
+    kb, db = types["b"]
+    assert got["b"].key == MARK.pack(0x10) + socket.inet_aton("1.1.1.1")
+    assert split_concat(got["b"].key, kb) == (0x10, ipaddress.IPv4Address("1.1.1.1"))
+    assert format_value(got["b"].data, db) == "443"
+
+
 def test_ipv6_and_ether_map(ns: str, events: NftEventSocket) -> None:
     nft(ns, "table ip6 t { map s6 { type ipv6_addr : ether_addr; }; }")
     collect(events)
@@ -390,6 +415,19 @@ def test_overrun_is_reported_not_raised(ns: str) -> None:
         assert len(map_elements(ns, "ip", "t", "m")) == 2000
     finally:
         small.close()
+
+
+def test_datatype_errors_are_one_line() -> None:
+    with pytest.raises(NftEventError, match="does not match"):
+        split_concat(b"\x0a\0\0\x01\0\x50", ["ipv4_addr"])
+    with pytest.raises(NftEventError, match="too short"):
+        split_concat(b"\x0a\0\0", ["ipv4_addr"])
+    with pytest.raises(NftEventError, match="unsupported"):
+        split_concat(b"abcd", ["ct_state"])
+    with pytest.raises(NftEventError, match="not a valid inet_service"):
+        join_concat(("10.0.0.1", 70000), ["ipv4_addr", "inet_service"])
+    with pytest.raises(NftEventError, match="not a valid ipv4_addr"):
+        join_concat(("10.0.0.300",), ["ipv4_addr"])
 
 
 def test_assembler_chunks_and_overrun() -> None:

@@ -276,6 +276,23 @@ def test_sync_link_cut_and_restore(lab: Lab):
     assert addrs(lab, "lb1", "sync") == {f"{SYNC4['lb1']}/30", f"{SYNC6['lb1']}/64"}
 
 
+def test_announce_updates_neighbour_caches(lab: Lab):
+    """GARP and unsolicited NA from client.py correct a stale entry (no flush involved)."""
+    link = json.loads(lab.exec("lb1", "ip", "-j", "link", "show", "dev", "front").stdout)
+    mac = link[0]["address"]
+    try:
+        for vip in (VIP4, VIP6):
+            lab.exec("client", "ip", "neigh", "replace", vip, "lladdr", "02:00:00:00:00:01",
+                     "dev", "front", "nud", "stale")
+        lab.python("lb1", CLIENT_PY, "announce", "--dev", "front", "--addr", VIP4, "--addr", VIP6)
+        for vip in (VIP4, VIP6):
+            entry = json.loads(lab.exec("client", "ip", "-j", "neigh", "show", vip).stdout)
+            assert [e["lladdr"] for e in entry] == [mac], entry
+    finally:
+        lab.exec("client", "ip", "neigh", "flush", "dev", "front")
+        lab.exec("client", "ip", "-6", "neigh", "flush", "dev", "front")
+
+
 def test_bad_knob_arguments_fail_clearly(lab: Lab):
     with pytest.raises(LabError, match="vip needs lb1, lb2 or none"):
         lab_sh(lab.prefix, "vip", "lb3")

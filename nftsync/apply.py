@@ -277,7 +277,9 @@ def _chain_handles(nft: Nft, tid: TableId) -> dict[str, int]:
 
 
 def _stamp_path(tid: TableId) -> Path:
-    return STAMP_DIR / f"{tid[0]}-{tid[1]}.json"
+    """Per network namespace (its inode), since each namespace has a ruleset of its own."""
+    netns = os.stat("/proc/self/ns/net").st_ino
+    return STAMP_DIR / f"netns-{netns}" / f"{tid[0]}-{tid[1]}.json"
 
 
 def _stamps_match(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) -> bool:
@@ -286,14 +288,15 @@ def _stamps_match(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) ->
             stamp = json.loads(_stamp_path(tid).read_text())
         except (OSError, ValueError):
             return False
-        if stamp.get("digest") != stamps[tid] or stamp.get("chains") != _chain_handles(nft, tid):
+        chains = _chain_handles(nft, tid)
+        if not chains or stamp.get("digest") != stamps[tid] or stamp.get("chains") != chains:
             return False
     return True
 
 
 def _write_stamps(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) -> None:
-    STAMP_DIR.mkdir(parents=True, exist_ok=True)
     for tid in wanted:
+        _stamp_path(tid).parent.mkdir(parents=True, exist_ok=True)
         doc = {"digest": stamps[tid], "chains": _chain_handles(nft, tid), "time": time.time()}
         tmp = _stamp_path(tid).with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))

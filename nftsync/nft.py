@@ -43,7 +43,7 @@ def first_error(err: str, *, context: str | None = None) -> str:
             if where.startswith("internal:") or where.startswith("/dev/stdin"):
                 src = lines[i + 1].strip() if i + 1 < len(lines) else ""
                 return f"{m['msg']} (in: {src[:200]})" if src else m["msg"]
-            return f"{where}: {m['msg']}"
+            return f"{where}: {m['msg']}{_underlined(lines[i + 1:i + 3])}"
         if line.startswith("Error: "):
             src = lines[i + 1].strip() if i + 1 < len(lines) else ""
             msg = line[len("Error: "):]
@@ -52,6 +52,15 @@ def first_error(err: str, *, context: str | None = None) -> str:
             return f"{msg} (in: {src[:200]})" if src else msg
     head = lines[0] if lines else "unknown libnftables error"
     return (context + ": " if context else "") + head
+
+
+def _underlined(context: list[str]) -> str:
+    """The text libnftables marks with ^^^ under the source line, as ` (at 'TEXT')`."""
+    if len(context) < 2 or not set(context[1].strip()) <= {"^", "~"}:
+        return ""
+    src, marks = context
+    picked = "".join(ch for ch, mk in zip(src, marks, strict=False) if mk in "^~").strip()
+    return f" (at '{picked[:80]}')" if picked else ""
 
 
 class Nft:

@@ -622,3 +622,14 @@ def test_key_file_missing_or_not_regular(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError):
         load_key(tmp_path)
     assert issubclass(KeyFileError, NftsyncError) and issubclass(AuthError, NftsyncError)
+
+
+def test_connect_to_closed_port_is_connection_closed() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: the kernel answers with RST
+
+        with pytest.raises(ConnectionClosed, match="cannot connect"):
+            run(Channel.connect("127.0.0.1", port, A, KEY, timeout=5))

@@ -299,15 +299,19 @@ class Channel:
     async def connect(cls, host: str, port: int, identity: Identity, key: bytes,
                       timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                       ssl_context: ssl.SSLContext | None = None) -> Channel:
-        """Open a TCP (optionally TLS) connection and authenticate; `timeout` bounds both."""
+        """Open a TCP (optionally TLS) connection and authenticate; `timeout` bounds the two
+        together (connect errors -> ConnectionClosed, handshake failures -> AuthError)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
         except TimeoutError:
             raise ConnectionClosed(f"connecting to {host}:{port} timed out") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectionClosed(f"cannot connect to {host}:{port}: {exc}") from None
-        return await cls._handshake(reader, writer, identity, key, timeout, initiator=True)
+        return await cls._handshake(reader, writer, identity, key, deadline - loop.time(),
+                                    initiator=True)
 
     @classmethod
     async def accept(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

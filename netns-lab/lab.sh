@@ -27,9 +27,9 @@ die() {
     exit 1
 }
 
-usage() {
-    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit 2
+usage() { # exit-status
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit "$1"
 }
 
 default_python() {
@@ -46,13 +46,17 @@ default_python() {
 PY="${LAB_PYTHON:-$(default_python)}"
 
 check_int() { # name value min max
-    [[ "$2" =~ ^[0-9]{1,3}$ ]] && (("10#$2" >= $3 && "10#$2" <= $4)) ||
+    if ! [[ "$2" =~ ^[0-9]{1,3}$ ]] || (("10#$2" < $3 || "10#$2" > $4)); then
         die "$1 must be an integer in $3..$4, got '$2'"
+    fi
 }
 
-check_env() {
+check_name() {
     [[ "$LAB" =~ ^[A-Za-z0-9_]{1,12}$ ]] ||
         die "LAB must be 1-12 characters of [A-Za-z0-9_], got '$LAB'"
+}
+
+check_counts() {
     check_int LAB_CLIENTS "$LAB_CLIENTS" 1 250
     check_int LAB_BACKENDS "$LAB_BACKENDS" 1 8
     LAB_CLIENTS=$((10#$LAB_CLIENTS))
@@ -233,7 +237,7 @@ wait_oper_up() { # node:dev...
 }
 
 cmd_up() {
-    check_env
+    check_counts
     need_root
     [[ -z "$(lab_namespaces)" ]] ||
         die "lab '$LAB' already exists ($(lab_namespaces | tr '\n' ' ')); run 'LAB=$LAB $0 down' first"
@@ -354,7 +358,6 @@ EOF
 }
 
 cmd_down() {
-    [[ "$LAB" =~ ^[A-Za-z0-9_]{1,12}$ ]] || die "LAB must be 1-12 characters of [A-Za-z0-9_]"
     need_root
     teardown
 }
@@ -383,7 +386,6 @@ cmd_link() {
 }
 
 cmd_status() {
-    check_env
     if ! lab_is_up; then
         echo "lab '$LAB' is not up"
         local left
@@ -430,6 +432,7 @@ cmd_exec() {
 main() {
     local cmd=${1:-}
     (($# > 0)) && shift
+    [[ "$cmd" =~ ^(-h|--help|help|)$ ]] || check_name
     case "$cmd" in
     up) cmd_up ;;
     down) cmd_down ;;
@@ -437,8 +440,8 @@ main() {
     vip) cmd_vip "$@" ;;
     link) cmd_link "$@" ;;
     exec) cmd_exec "$@" ;;
-    -h | --help | help) usage ;;
-    *) usage ;;
+    -h | --help | help) usage 0 ;;
+    *) usage 2 ;;
     esac
 }
 

@@ -123,7 +123,13 @@ class Lab:
     @classmethod
     def up(cls, prefix: str | None = None, clients: int = 50, backends: int = 2) -> Lab:
         prefix = prefix or unique_prefix()
-        lab_sh(prefix, "up", env={"LAB_CLIENTS": str(clients), "LAB_BACKENDS": str(backends)})
+        env = {"LAB_CLIENTS": str(clients), "LAB_BACKENDS": str(backends)}
+        try:
+            lab_sh(prefix, "up", env=env)
+        except subprocess.TimeoutExpired:
+            # lab.sh was SIGKILLed, so its own cleanup trap never ran: clean up for it.
+            lab_sh(prefix, "down")
+            raise LabError(f"lab.sh up for {prefix} timed out; torn down") from None
         return cls(prefix, clients, backends)
 
     def down(self) -> None:

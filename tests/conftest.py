@@ -19,6 +19,11 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs root: tests run against the real kernel in netns")
         for item in items:
             item.add_marker(skip)
+    if os.environ.get("NFTSYNC_SLOW") != "1":
+        slow = pytest.mark.skip(reason="slow soak/scale test: set NFTSYNC_SLOW=1 (CI does)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(slow)
 
 
 @pytest.fixture

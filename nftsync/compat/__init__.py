@@ -1,0 +1,7 @@
+"""The legacy path: iptables `recent` farms (the seed talk's MARK + DNAT scheme) on older kernels.
+
+- `xtrecent`: /proc/net/xt_recent tables as session tables (stock and patched kernels).
+- `clock`: jiffies <-> seconds, HZ detection.
+- `iptables`: the legacy farm rules, generated from a small TOML/JSON description and applied
+  atomically with iptables-restore --noflush.
+"""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 import struct
 import subprocess
@@ -625,8 +626,6 @@ def test_key_file_missing_or_not_regular(tmp_path: Path) -> None:
 
 
 def test_connect_to_closed_port_is_connection_closed() -> None:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: the kernel answers with RST

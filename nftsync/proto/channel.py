@@ -112,19 +112,18 @@ async def _read_exact(reader: asyncio.StreamReader, n: int, frame_start: bool) -
         raise ConnectionClosed(f"connection lost: {exc}") from None
 
 
-async def _read_frame(reader: asyncio.StreamReader, counter: int, key: bytes | None,
+async def _read_frame(reader: asyncio.StreamReader, counter: int, key: bytes,
                       version: int) -> tuple[FrameHeader, bytes, bytes]:
-    """Read one frame; check size before reading the body, then tag, then counter and version.
+    """Read one tagged frame: size checked before reading the body, then tag, counter, version.
 
-    An untagged REFUSE is accepted in place of a tagged frame only while `key` is None or
-    during the handshake (the caller decides by passing key=None).
+    The tag is checked before the counter so a replayed frame (valid tag, old counter) is
+    reported as such, and nothing unauthenticated is ever interpreted.
     """
     raw_hdr = await _read_exact(reader, HEADER_LEN, True)
     hdr = parse_header(raw_hdr)  # raises on oversize before any body byte is read
-    body = await _read_exact(reader, hdr.length + (TAG_LEN if key is not None else 0), False)
+    body = await _read_exact(reader, hdr.length + TAG_LEN, False)
     payload = body[:hdr.length]
-    if key is not None:
-        verify_tag(key, raw_hdr, payload, body[hdr.length:])
+    verify_tag(key, raw_hdr, payload, body[hdr.length:])
     if hdr.counter != counter:
         raise ProtocolError(f"frame counter {hdr.counter}, expected {counter}: "
                             "replayed, reordered or dropped frame")

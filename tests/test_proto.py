@@ -632,3 +632,41 @@ def test_connect_to_closed_port_is_connection_closed() -> None:
 
         with pytest.raises(ConnectionClosed, match="cannot connect"):
             run(Channel.connect("127.0.0.1", port, A, KEY, timeout=5))
+
+
+def test_recv_cancelled_mid_frame_keeps_stream_position() -> None:
+    """wait_for(recv()) timing out between header and body must not desynchronise the stream."""
+    async def main() -> None:
+        client, srv, stack = await pair()
+        async with stack:
+            frame = client._frame(Updates(1, [SESS]), 0)
+            client._writer.write(frame[:25])  # header and a little of the body
+            await client._writer.drain()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(srv.recv(), 0.2)
+            client._writer.write(frame[25:])
+            assert await srv.recv() == Updates(1, [SESS])
+            await client.send(Ack(1))
+            assert await srv.recv() == Ack(1)
+
+    run(main())
+
+
+def test_full_size_frames_cross_the_channel() -> None:
+    """1 MiB payloads (the limit) pass through StreamReader's buffer limits intact."""
+    async def main() -> None:
+        client, srv, stack = await pair()
+        async with stack:
+            recs = [SessionRecord(OP_ADD, "web/sessions", i.to_bytes(8, "big"), i % 7, 0, i, 1)
+                    for i in range(40_000)]
+            chunks = split_records(recs)
+            sizes = [len(Updates(0, c).encode_payload()) for c in chunks]
+            assert max(sizes) > MAX_PAYLOAD // 2
+            for i, c in enumerate(chunks):
+                await client.send(Updates(i, c))
+            got = []
+            for _ in chunks:
+                got.extend((await srv.recv()).records)
+            assert got == recs
+
+    run(main())

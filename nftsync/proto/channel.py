@@ -112,26 +112,6 @@ async def _read_exact(reader: asyncio.StreamReader, n: int, frame_start: bool) -
         raise ConnectionClosed(f"connection lost: {exc}") from None
 
 
-async def _read_frame(reader: asyncio.StreamReader, counter: int, key: bytes,
-                      version: int) -> tuple[FrameHeader, bytes, bytes]:
-    """Read one tagged frame: size checked before reading the body, then tag, counter, version.
-
-    The tag is checked before the counter so a replayed frame (valid tag, old counter) is
-    reported as such, and nothing unauthenticated is ever interpreted.
-    """
-    raw_hdr = await _read_exact(reader, HEADER_LEN, True)
-    hdr = parse_header(raw_hdr)  # raises on oversize before any body byte is read
-    body = await _read_exact(reader, hdr.length + TAG_LEN, False)
-    payload = body[:hdr.length]
-    verify_tag(key, raw_hdr, payload, body[hdr.length:])
-    if hdr.counter != counter:
-        raise ProtocolError(f"frame counter {hdr.counter}, expected {counter}: "
-                            "replayed, reordered or dropped frame")
-    if hdr.version != version:
-        raise ProtocolError(f"frame version {hdr.version}, negotiated {version}")
-    return hdr, raw_hdr, payload
-
-
 def _negotiate(mine: Identity, hello: Hello) -> int:
     """Check the peer's HELLO against ours; return the version to speak or raise AuthError."""
     if hello.version_min > hello.version_max:
@@ -293,6 +273,7 @@ class Channel:
         self._send_counter = send_counter
         self._recv_counter = recv_counter
         self._closed = False
+        self._pending: tuple[bytes, FrameHeader] | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int, identity: Identity, key: bytes,
@@ -371,16 +352,40 @@ class Channel:
             self.close()
             raise ConnectionClosed(f"connection lost: {exc}") from None
 
+    async def _read_frame(self) -> tuple[FrameHeader, bytes]:
+        """Read one tagged frame: size checked before reading the body, then tag, counter,
+        version. The tag is checked before the counter so that a replayed frame (valid tag, old
+        counter) is reported as such, and nothing unauthenticated is ever interpreted.
+
+        Cancellation-safe: `readexactly` consumes nothing unless it completes, and a header
+        already consumed is kept in `_pending` for the next call, so `wait_for(recv(), t)`
+        timing out never desynchronises the stream.
+        """
+        if self._pending is None:
+            raw_hdr = await _read_exact(self._reader, HEADER_LEN, True)
+            self._pending = (raw_hdr, parse_header(raw_hdr))  # oversize raises here
+        raw_hdr, hdr = self._pending
+        body = await _read_exact(self._reader, hdr.length + TAG_LEN, False)
+        self._pending = None
+        payload = body[:hdr.length]
+        verify_tag(self._recv_key, raw_hdr, payload, body[hdr.length:])
+        if hdr.counter != self._recv_counter:
+            raise ProtocolError(f"frame counter {hdr.counter}, expected {self._recv_counter}: "
+                                "replayed, reordered or dropped frame")
+        if hdr.version != self.version:
+            raise ProtocolError(f"frame version {hdr.version}, negotiated {self.version}")
+        self._recv_counter += 1
+        return hdr, payload
+
     async def recv(self) -> Message:
         """Next message. Raises ProtocolError (connection now closed), PeerRefused or
-        ConnectionClosed. Frames of unknown type flagged IGNORABLE are skipped."""
+        ConnectionClosed. Frames of unknown type flagged IGNORABLE are skipped. One task at a
+        time; may be cancelled (e.g. by asyncio.wait_for) without losing stream position."""
         if self._closed:
             raise ConnectionClosed("channel is closed")
         while True:
             try:
-                hdr, _raw, payload = await _read_frame(self._reader, self._recv_counter,
-                                                       self._recv_key, self.version)
-                self._recv_counter += 1
+                hdr, payload = await self._read_frame()
                 if hdr.type not in MESSAGE_CLASSES:
                     if hdr.flags & FLAG_IGNORABLE:
                         continue

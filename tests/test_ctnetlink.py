@@ -403,3 +403,62 @@ def test_random_bytes_into_decoder() -> None:
             data = struct.pack("=IHHII", n, CT_NEW, 0, 0, 0) + data[16:]
         with contextlib.suppress(NetlinkError):
             parse_messages(data, len(data), CtStats(), [])
+
+
+def test_zones_are_distinct_entries(ns: str) -> None:
+    base = make_entries(5)
+    zoned = [CtEntry.from_bytes(e.to_bytes()) for e in base]
+    for e in zoned:
+        e.zone = 7
+        e.mark = 0x700
+    with netns.entered(ns):
+        events = CtEventSocket()
+        writer = CtWriter()
+    try:
+        res = writer.apply([("upsert", e) for e in base + zoned])
+        assert (res.created, res.failed) == (10, [])
+        out = netns.run(ns, "conntrack", "-L", "-o", "extended").stdout
+        assert out.count("zone=7") == 5
+        got = events.read()
+        assert sorted(ct.zone for _, ct in got) == [0] * 5 + [7] * 5
+        with netns.entered(ns):
+            assert {(e.key, e.mark) for e in dump()} == \
+                {(e.key, e.mark) for e in base + zoned}
+        res = writer.apply([("delete", e) for e in zoned])
+        assert res.deleted == 5
+        rows = conntrack_list(ns)
+        assert len(rows) == 5 and "zone=" not in netns.run(ns, "conntrack", "-L").stdout
+    finally:
+        events.close()
+        writer.close()
+
+
+def _icmp_echo(ident: int) -> bytes:
+    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"nftsync!"  # even length
+    total = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return hdr[:2] + struct.pack("!H", ~total & 0xFFFF) + hdr[4:]
+
+
+def test_icmp_entries_are_decoded(ns: str) -> None:
+    # Conntrack hooks are registered on demand: a rule that uses ct state turns tracking on.
+    netns.run(ns, "nft", "add table inet t; add chain inet t out "
+              "{ type filter hook output priority 0; ct state new accept; }")
+    with netns.entered(ns):
+        events = CtEventSocket(groups=1)  # NEW only
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        raw.sendto(_icmp_echo(0x4242), ("127.0.0.1", 0))
+        got = _wait_events(events, lambda g: len(g) >= 1)
+        (ev, ct), = got
+        assert ev == CtEvent.NEW and ct.l4proto == 1
+        assert (addr(ct.orig_src), addr(ct.orig_dst)) == ("127.0.0.1", "127.0.0.1")
+        assert ct.orig_dport == 8 << 8  # echo request, code 0
+        assert ct.orig_sport == 0x4242  # echo id
+        assert ct.reply_dport == 0  # echo reply
+        assert not ct.is_dnat and ct.tcp_state is None
+        assert CtEntry.from_bytes(ct.to_bytes()).key == ct.key
+    finally:
+        events.close()
+        raw.close()

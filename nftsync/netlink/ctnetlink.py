@@ -204,12 +204,19 @@ class CtEntry:
     # -- views --
     @property
     def is_dnat(self) -> bool:
-        """The reply comes from somewhere else than the original destination (DNAT/LB)."""
-        return self.reply_src != self.orig_dst or self.reply_sport != self.orig_dport
+        """The reply comes from somewhere else than the original destination (DNAT/LB).
+
+        Ports count only for TCP/UDP (ICMP "ports" are id and type/code, which differ anyway).
+        """
+        if self.reply_src != self.orig_dst:
+            return True
+        return self.l4proto in _PORT_PROTOS and self.reply_sport != self.orig_dport
 
     @property
     def is_snat(self) -> bool:
-        return self.reply_dst != self.orig_src or self.reply_dport != self.orig_sport
+        if self.reply_dst != self.orig_src:
+            return True
+        return self.l4proto in _PORT_PROTOS and self.reply_dport != self.orig_sport
 
     @property
     def backend(self) -> tuple[str, int] | None:
@@ -304,6 +311,7 @@ class CtEntry:
                    backend_port, client_port, mark, status, timeout, tcp_state, zone)
 
 
+_PORT_PROTOS = frozenset((IPPROTO_TCP, IPPROTO_UDP))
 _WIRE_PROTOS = frozenset((IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6))
 
 
@@ -603,6 +611,10 @@ class CtEventSocket:
         self.max_events = max_events
         self.stats = CtStats()
 
+    @property
+    def portid(self) -> int:
+        return self.sock.pid
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
@@ -716,8 +728,10 @@ _SCALAR_HDRS = (_sw16(8), _sw16(CTA_STATUS), _sw16(8), _sw16(CTA_TIMEOUT), _sw16
 
 
 def _tuple_nest(nest: int, family: int, proto: int, src: bytes, dst: bytes, sport: int,
-                dport: int, zone: int = 0) -> bytes:
-    if proto in (IPPROTO_TCP, IPPROTO_UDP) and not zone:
+                dport: int) -> bytes:
+    """A CTA_TUPLE_ORIG/REPLY nest. Zones go in top-level CTA_ZONE (both directions), never
+    in CTA_TUPLE_ZONE, which the kernel reads as a zone for that direction only."""
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
         sp = ((sport & 0xFF) << 8) | (sport >> 8)
         dp = ((dport & 0xFF) << 8) | (dport >> 8)
         if family == AF_INET:
@@ -732,17 +746,14 @@ def _tuple_nest(nest: int, family: int, proto: int, src: bytes, dst: bytes, spor
     else:
         ip = nla_nested(CTA_TUPLE_IP, nla(CTA_IP_V6_SRC, src), nla(CTA_IP_V6_DST, dst))
     parts = [nla_u8(CTA_PROTO_NUM, proto)]
-    if proto in (IPPROTO_TCP, IPPROTO_UDP):
-        parts += [nla_be16(CTA_PROTO_SRC_PORT, sport), nla_be16(CTA_PROTO_DST_PORT, dport)]
-    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
         v6 = proto == IPPROTO_ICMPV6
         parts += [
             nla_be16(CTA_PROTO_ICMPV6_ID if v6 else CTA_PROTO_ICMP_ID, sport),
             nla_u8(CTA_PROTO_ICMPV6_TYPE if v6 else CTA_PROTO_ICMP_TYPE, dport >> 8),
             nla_u8(CTA_PROTO_ICMPV6_CODE if v6 else CTA_PROTO_ICMP_CODE, dport & 0xFF),
         ]
-    extra = [nla_be16(CTA_TUPLE_ZONE, zone)] if zone else []
-    return nla_nested(nest, ip, nla_nested(CTA_TUPLE_PROTO, *parts), *extra)
+    return nla_nested(nest, ip, nla_nested(CTA_TUPLE_PROTO, *parts))
 
 
 def _nat_nest(nest: int, family: int, addr: bytes, port: int | None) -> bytes:
@@ -769,15 +780,15 @@ def build_create(ct: CtEntry) -> bytes:
     """Attributes (after nfgenmsg) of an IPCTNL_MSG_CT_NEW that creates `ct` with its NAT."""
     fam, proto = ct.family, ct.l4proto
     parts = [_tuple_nest(CTA_TUPLE_ORIG, fam, proto, ct.orig_src, ct.orig_dst, ct.orig_sport,
-                         ct.orig_dport, ct.zone)]
+                         ct.orig_dport)]
     if proto in (IPPROTO_TCP, IPPROTO_UDP):
         # Reply = inverse of the original; CTA_NAT_* make the kernel NAT it (and set the
         # IPS_*_NAT bits, so packets are translated).
         parts.append(_tuple_nest(CTA_TUPLE_REPLY, fam, proto, ct.orig_dst, ct.orig_src,
-                                 ct.orig_dport, ct.orig_sport, ct.zone))
+                                 ct.orig_dport, ct.orig_sport))
     else:
         parts.append(_tuple_nest(CTA_TUPLE_REPLY, fam, proto, ct.reply_src, ct.reply_dst,
-                                 ct.reply_sport, ct.reply_dport, ct.zone))
+                                 ct.reply_sport, ct.reply_dport))
     parts.append(_SCALARS(*_SCALAR_HDRS[:2], (ct.status & ~_IPS_NOT_SETTABLE) | IPS_CONFIRMED,
                           *_SCALAR_HDRS[2:4], min(max(ct.timeout, 1), MAX_TIMEOUT),
                           *_SCALAR_HDRS[4:], ct.mark & 0xFFFFFFFF))
@@ -803,7 +814,7 @@ def build_update(ct: CtEntry) -> bytes:
     SEEN_REPLY, and an entry we know less about must not fail for that.
     """
     parts = [_tuple_nest(CTA_TUPLE_ORIG, ct.family, ct.l4proto, ct.orig_src, ct.orig_dst,
-                         ct.orig_sport, ct.orig_dport, ct.zone)]
+                         ct.orig_sport, ct.orig_dport)]
     timeout = min(max(ct.timeout, 1), MAX_TIMEOUT)
     if ct.status & IPS_ASSURED:
         parts.append(_SCALARS(*_SCALAR_HDRS[:2],
@@ -823,7 +834,7 @@ def build_update(ct: CtEntry) -> bytes:
 def build_delete(ct: CtEntry) -> bytes:
     """Attributes of an IPCTNL_MSG_CT_DELETE by original tuple (and zone)."""
     t = _tuple_nest(CTA_TUPLE_ORIG, ct.family, ct.l4proto, ct.orig_src, ct.orig_dst,
-                    ct.orig_sport, ct.orig_dport, ct.zone)
+                    ct.orig_sport, ct.orig_dport)
     return t + _ZONE(6, CTA_ZONE, _sw16(ct.zone)) if ct.zone else t
 
 

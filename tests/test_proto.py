@@ -244,6 +244,15 @@ def test_handshake_and_exchange_over_loopback() -> None:
             assert [await srv.recv() for _ in range(3)] == [Ack(1), Ack(2), Heartbeat(3, 2)]
             with pytest.raises(ValueError):
                 await client.send(Hello(1, 1, "lab", 1, "x", bytes(32)))
+            bad = SessionRecord(OP_ADD, "m", b"k" * 65, 1, 0, 0, 1)
+            with pytest.raises(ValueError):  # a batch that fails to encode sends nothing ...
+                await client.send_many([Ack(1), Updates(2, [bad])])
+            await client.send(Ack(3))  # ... and leaves the counters in step
+            assert await srv.recv() == Ack(3)
+            for bad_identity in [("lab", 0, "x"), ("lab", 2**32, "x"), ("", 1, "x"),
+                                 ("lab", 1, "n" * 65), ("lab", 1, "x", -1)]:
+                with pytest.raises(ValueError):
+                    Identity(*bad_identity)
 
     run(main())
 

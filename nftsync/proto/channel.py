@@ -76,6 +76,8 @@ class Identity:
     def __post_init__(self) -> None:
         if not 0 < self.node_id <= U32_MAX:
             raise ValueError(f"node id must be 1..{U32_MAX}, got {self.node_id}")
+        if not 0 <= self.capabilities <= U32_MAX:
+            raise ValueError("capabilities must fit in 32 bits")
         for what, value in (("cluster name", self.cluster), ("node name", self.node_name)):
             if not 0 < len(value.encode("utf-8")) <= MAX_NAME:
                 raise ValueError(f"{what} must be 1..{MAX_NAME} UTF-8 bytes")
@@ -344,7 +346,12 @@ class Channel:
         """Send several messages with one drain: fewer wakeups for snapshot chunks."""
         if self._closed:
             raise ConnectionClosed("channel is closed")
-        frames = [self._frame(m, flags) for m in messages]
+        start = self._send_counter
+        try:
+            frames = [self._frame(m, flags) for m in messages]
+        except ValueError:
+            self._send_counter = start  # nothing was written: keep counters in step with the wire
+            raise
         try:
             self._writer.writelines(frames)
             await self._writer.drain()

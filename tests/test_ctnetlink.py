@@ -462,3 +462,54 @@ def test_icmp_entries_are_decoded(ns: str) -> None:
     finally:
         events.close()
         raw.close()
+
+
+# --- generic netlink helpers (nftsync.netlink.core), which the nf_tables decoder reuses ---------
+def test_core_walkers_and_builders() -> None:
+    from nftsync.netlink.core import iter_attrs, iter_messages, nla, nla_be32, nla_nested
+
+    body = nla_nested(1, nla(2, b"abc"), nla_be32(3, 7)) + nla(4, b"")
+    msgs = nlmsg(CT_NEW, 0, 5, nfgenmsg(2) + body) + nlmsg(CT_NEW, 0, 6, b"x")
+    got = list(iter_messages(msgs))
+    assert [(t, s) for t, _f, s, _p, _pl in got] == [(CT_NEW, 5), (CT_NEW, 6)]
+    attrs = list(iter_attrs(got[0][4][4:]))
+    assert [(t, nested) for t, nested, _ in attrs] == [(1, True), (4, False)]
+    inner = list(iter_attrs(attrs[0][2]))
+    assert [(t, bytes(p)) for t, _n, p in inner] == [(2, b"abc"), (3, b"\0\0\0\x07")]
+    errors: list[str] = []
+    assert list(iter_messages(msgs[:-5], errors.append))[1:] == [] and errors
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_core_walkers_never_raise(data: bytes) -> None:
+    from nftsync.netlink.core import iter_attrs, iter_messages
+
+    for _t, _f, _s, _p, payload in iter_messages(data, lambda reason: None):
+        assert len(payload) <= len(data)
+        for _a, _n, p in iter_attrs(payload, lambda reason: None):
+            assert len(p) <= len(payload)
+
+
+def test_core_request_reports_kernel_errno(ns: str) -> None:
+    """A GET of a missing entry answers ENOENT through NetlinkSocket.request."""
+    from nftsync.netlink.core import NLM_F_ACK, NLM_F_REQUEST, NetlinkSocket
+    from nftsync.netlink.ctnetlink import CT_GET, build_delete
+
+    e = make_entries(1)[0]
+    with netns.entered(ns):
+        sock = NetlinkSocket()
+    try:
+        seq = sock.next_seq()
+        msg = nlmsg(CT_GET, NLM_F_REQUEST | NLM_F_ACK, seq, nfgenmsg(e.family) + build_delete(e))
+        with pytest.raises(NetlinkError) as exc:
+            list(sock.request(msg, seq))
+        assert exc.value.errno == 2
+        with netns.entered(ns), CtWriter() as w:
+            w.apply([("upsert", e)])
+        seq = sock.next_seq()
+        msg = nlmsg(CT_GET, NLM_F_REQUEST | NLM_F_ACK, seq, nfgenmsg(e.family) + build_delete(e))
+        replies = list(sock.request(msg, seq))
+        assert len(replies) == 1 and replies[0][0] == CT_NEW
+    finally:
+        sock.close()

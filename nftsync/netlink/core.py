@@ -365,8 +365,10 @@ class NetlinkSocket:
     def request(self, payload_msgs: bytes, seq: int, timeout: float = 5.0) -> Iterator[Message]:
         """Send a request and yield the reply messages with sequence `seq` until it completes.
 
-        Completion is NLMSG_DONE (dumps) or NLMSG_ERROR (ack/errno). A nonzero errno raises
-        `NetlinkError`. Messages for other sequence numbers (stale replies) are skipped.
+        Completion is NLMSG_DONE (dumps) or NLMSG_ERROR (ack/errno), so the request must carry
+        NLM_F_DUMP or NLM_F_ACK (a plain GET that succeeds is otherwise never acknowledged).
+        A nonzero errno raises `NetlinkError`. Replies for other sequence numbers are skipped.
+        Each yielded payload is a view into the receive buffer, valid until the next item.
         """
         self.send(payload_msgs)
         while True:

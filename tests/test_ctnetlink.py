@@ -28,6 +28,7 @@ from nftsync.netlink.ctnetlink import (
     IPS_ASSURED,
     IPS_DST_NAT,
     IPS_SEEN_REPLY,
+    IPS_SRC_NAT,
     NLM_F_CREATE,
     NLM_F_EXCL,
     WIRE_SIZE,
@@ -513,3 +514,33 @@ def test_core_request_reports_kernel_errno(ns: str) -> None:
         assert len(replies) == 1 and replies[0][0] == CT_NEW
     finally:
         sock.close()
+
+
+def test_replicate_between_namespaces(ns: str) -> None:
+    """dump on node A → wire form → CtWriter on node B gives B the same table (incl. full NAT)."""
+    entries = make_entries(200) + make_entries(20, v6=True)
+    fullnat = CtEntry.make("10.5.0.1", 33333, "10.0.0.100", 443, "10.0.1.9", 8443, mark=0x209)
+    fullnat.reply_dst = ipaddress.ip_address("10.0.1.254").packed  # LB source address (SNAT)
+    fullnat.reply_dport = 61000
+    entries.append(fullnat)
+    peer = netns.create("nst-peer")
+    try:
+        with netns.entered(ns), CtWriter() as w:
+            assert w.apply([("upsert", e) for e in entries]).created == len(entries)
+            wire = b"".join(e.to_bytes() for e in dump())
+        received = [CtEntry.unpack_from(wire, off) for off in range(0, len(wire), WIRE_SIZE)]
+        with netns.entered(peer), CtWriter() as w:
+            res = w.apply([("upsert", e) for e in received])
+            assert (res.created, res.failed) == (len(entries), [])
+            on_peer = list(dump())
+
+        def view(rows: list[dict]) -> set:
+            return {(r["orig"], r["reply"], r["mark"], r["state"], r["assured"]) for r in rows}
+
+        assert view(conntrack_list(peer)) == view(conntrack_list(ns))
+        got = next(e for e in on_peer if e.key == fullnat.key)
+        assert got.is_dnat and got.is_snat
+        assert got.status & IPS_DST_NAT and got.status & IPS_SRC_NAT
+        assert (got.reply_dst, got.reply_dport) == (fullnat.reply_dst, 61000)
+    finally:
+        netns.delete(peer)

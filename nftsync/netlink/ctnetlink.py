@@ -490,7 +490,7 @@ def decode_entry(buf, off: int, end: int, family: int,
     rsrc, rdst, rproto, rsport, rdport, _rz = _decode_tuple(buf, r_off, r_end)
     if oproto != rproto or len(osrc) != len(rsrc):
         raise _Malformed("tuples disagree")
-    if (family == AF_INET and len(osrc) != 4) or (family == AF_INET6 and len(osrc) != 16):
+    if len(osrc) != (4 if family == AF_INET else 16 if family == AF_INET6 else -1):
         raise _Malformed("address length does not match family")
     tcp_state = _decode_protoinfo(buf, p_off, p_end) if p_off >= 0 else None
     return CtEntry(family, oproto, osrc, odst, osport, odport, rsrc, rdst, rsport, rdport,

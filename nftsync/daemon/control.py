@@ -1,0 +1,423 @@
+"""The daemon's control socket: `nftsync ctl` talks to a running `nftsync daemon` through it.
+
+A unix stream socket (default /run/nftsync/nftsync.sock, mode 0600 in a 0750 directory: only root
+may steer replication). The protocol is line-delimited JSON so that `socat` or a monitoring
+script can speak it too:
+
+    -> {"cmd": "status", "args": {}}
+    <- {"ok": true, "result": {...}}          or    {"ok": false, "error": "one line"}
+
+A client may send several requests on one connection; each gets exactly one response line, in
+order. Requests are bounded (MAX_REQUEST), commands and their arguments are checked against a
+fixed table before the daemon sees them, and nothing a client sends can stop the server: bad JSON,
+an oversized line, an unknown command, a client that vanishes mid-answer or an exception inside
+the daemon all end as an error response (or a closed connection) for that client only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import inspect
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nftsync import __version__
+from nftsync.daemon.config import DEFAULT_SOCKET
+from nftsync.errors import NftsyncError
+
+log = logging.getLogger("nftsync.control")
+
+MAX_REQUEST = 64 * 1024  # a request is a command name and a few small arguments
+MAX_RESPONSE = 64 * 1024 * 1024  # `show` of a big farm; the client refuses anything larger
+MAX_CLIENTS = 32  # concurrent control connections; more are answered with an error and closed
+CLIENT_IDLE = 60.0  # seconds a connection may sit without sending a request
+DEFAULT_TIMEOUT = 10.0
+MAX_SHOW_LIMIT = 100_000
+MAX_ARG_TEXT = 255
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (SO_PEERCRED)
+
+
+class ControlError(NftsyncError):
+    """The control socket cannot be served or reached, or the daemon refused a request."""
+
+    exit_code = 1
+
+
+class DaemonNotRunning(ControlError):
+    """Nothing listens on the control socket: `nftsync ctl` has no daemon to talk to."""
+
+    exit_code = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Commands: name -> (daemon method, {argument: checker}). The checkers turn untrusted JSON into
+# the method's keyword arguments or raise ValueError with a one-line reason.
+# --------------------------------------------------------------------------------------------
+
+def _opt_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ARG_TEXT:
+        raise ValueError(f"must be a string of 1..{MAX_ARG_TEXT} characters")
+    return value
+
+
+def _limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHOW_LIMIT:
+        raise ValueError(f"must be an integer in 1..{MAX_SHOW_LIMIT}")
+    return value
+
+
+COMMANDS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "ping": {},  # answered by the server itself: is a daemon there, which pid and version
+    "status": {},
+    "peers": {},
+    "stats": {},
+    "resync": {"peer": _opt_text},
+    "promote": {},
+    "demote": {},
+    "show": {"farm": _opt_text, "limit": _limit},
+}
+
+
+def _jsonable(obj: Any) -> Any:
+    """json.dumps fallback for the few non-JSON types a daemon result may reasonably hold."""
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).hex()
+    return str(obj)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=_jsonable).encode() + b"\n"
+
+
+def error_response(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------
+
+class ControlServer:
+    """Serves the control protocol for `daemon` (an nftsync.daemon.core.Daemon) on `path`."""
+
+    def __init__(self, daemon: Any, path: str = DEFAULT_SOCKET) -> None:
+        self.daemon = daemon
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
+        self.started = time.monotonic()
+
+    async def start(self) -> None:
+        """Create the directory (0750) and socket (0600); refuse if a daemon already listens."""
+        self._prepare_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Bind under a umask so the socket never exists with wider permissions, even
+            # briefly; the chmod after it is for file systems that ignore the umask.
+            old = os.umask(0o177)
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            st = os.lstat(self.path)
+            self._ident = (st.st_dev, st.st_ino)
+            sock.listen(MAX_CLIENTS)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"cannot listen on control socket {self.path}: "
+                               f"{exc.strerror or exc}") from None
+        self._server = await asyncio.start_unix_server(self._client, sock=sock,
+                                                       limit=MAX_REQUEST)
+        log.info("control socket listening on %s", self.path)
+
+    def _prepare_path(self) -> None:
+        parent = Path(self.path).parent
+        if not parent.is_dir():
+            try:
+                parent.mkdir(mode=0o750, parents=True)
+                os.chmod(parent, 0o750)  # mkdir's mode is filtered by the umask
+            except OSError as exc:
+                raise ControlError(f"cannot create the control socket directory {parent}: "
+                                   f"{exc.strerror}") from None
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket: remove it or give "
+                               "another --socket")
+        pid = _listener_pid(self.path)
+        if pid is not None:
+            who = f" (pid {pid})" if pid > 0 else ""
+            raise ControlError(f"another nftsync daemon{who} is already listening on "
+                               f"{self.path}: stop it first, or give this one another --socket")
+        log.info("removing stale control socket %s left by a daemon that is gone", self.path)
+        with contextlib.suppress(FileNotFoundError):  # another process removed it: fine too
+            os.unlink(self.path)
+
+    async def close(self) -> None:
+        """Stop accepting, drop connected clients, remove our socket file (only if still ours)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.gather(*self._clients, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._ident:
+            os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            if len(self._clients) > MAX_CLIENTS:
+                writer.write(encode(error_response(
+                    f"too many control connections (at most {MAX_CLIENTS})")))
+                await writer.drain()
+                return
+            await self._serve(reader, writer)
+        except ConnectionError as exc:
+            log.debug("control client went away: %s", exc)
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), CLIENT_IDLE)
+            except TimeoutError:
+                return
+            except ValueError:
+                # StreamReader hit `limit` before a newline; the rest of the line cannot be
+                # told from the next request, so answer and hang up.
+                writer.write(encode(error_response(
+                    f"request larger than {MAX_REQUEST} bytes")))
+                await writer.drain()
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            response = await self.handle(line)
+            writer.write(encode(response))
+            await writer.drain()
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        """One request line -> one response object. Never raises for anything a client sends."""
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return error_response('malformed request: expected one JSON object per line, '
+                                  'e.g. {"cmd": "status", "args": {}}')
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return error_response('malformed request: expected {"cmd": NAME, "args": {...}}')
+        extra = set(request) - {"cmd", "args"}
+        if extra:
+            return error_response(f"malformed request: unknown field(s) {', '.join(sorted(extra))}")
+        cmd = request["cmd"]
+        spec = COMMANDS.get(cmd)
+        if spec is None:
+            return error_response(f"unknown command {cmd[:64]!r} "
+                                  f"(one of: {', '.join(COMMANDS)})")
+        args = request.get("args")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            return error_response(f"{cmd}: args must be a JSON object")
+        kwargs: dict[str, Any] = {}
+        for name, value in args.items():
+            check = spec.get(name)
+            if check is None:
+                known = ", ".join(spec) or "none"
+                return error_response(f"{cmd}: unknown argument {name[:64]!r} "
+                                      f"(accepted: {known})")
+            try:
+                kwargs[name] = check(value)
+            except ValueError as exc:
+                return error_response(f"{cmd}: argument {name!r} {exc}")
+        try:
+            result = await self._run(cmd, kwargs)
+            # Serialise here, so a result that cannot be encoded is this command's error.
+            encode({"ok": True, "result": result})
+        except NftsyncError as exc:
+            return error_response(str(exc))
+        except Exception as exc:
+            log.exception("control command %s failed", cmd)
+            return error_response(f"internal error in {cmd}: {type(exc).__name__}: {exc} "
+                                  "(details in the daemon's log)")
+        return {"ok": True, "result": result}
+
+    async def _run(self, cmd: str, kwargs: dict[str, Any]) -> Any:
+        if cmd == "ping":
+            return {"pid": os.getpid(), "version": __version__,
+                    "uptime_s": round(time.monotonic() - self.started, 3)}
+        result = getattr(self.daemon, cmd)(**kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+def _listener_pid(path: str) -> int | None:
+    """Pid of the process listening on `path` (0 if unknown), None if nobody listens (stale)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    except OSError as exc:
+        raise ControlError(f"cannot check the existing control socket {path}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return _UCRED.unpack(cred)[0]
+    except OSError:
+        return 0
+    finally:
+        probe.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Client
+# --------------------------------------------------------------------------------------------
+
+def encode_request(cmd: str, args: dict[str, Any] | None) -> bytes:
+    line = encode({"cmd": cmd, "args": args or {}})
+    if len(line) > MAX_REQUEST:
+        raise ControlError(f"request larger than {MAX_REQUEST} bytes")
+    return line
+
+
+def _not_running(path: str) -> DaemonNotRunning:
+    return DaemonNotRunning(f"no daemon is listening on {path}: start it with `nftsync daemon "
+                            "--config /etc/nftsync/nftsync.toml` (or `systemctl start nftsync`), "
+                            "or give its --socket")
+
+
+def _connect_error(path: str, exc: OSError) -> ControlError:
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return _not_running(path)
+    if isinstance(exc, PermissionError):
+        return ControlError(f"permission denied on {path}: the control socket is root's "
+                            "(run nftsync ctl as root)")
+    return ControlError(f"cannot connect to {path}: {exc.strerror or exc}")
+
+
+def decode_response(line: bytes, path: str) -> Any:
+    """The daemon's response line -> its result; its error as ControlError."""
+    if not line:
+        raise ControlError(f"the daemon on {path} closed the connection without answering "
+                           "(see its log: journalctl -u nftsync)")
+    try:
+        response = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ControlError(f"the daemon on {path} sent a malformed response") from None
+    if not isinstance(response, dict) or not isinstance(response.get("ok"), bool):
+        raise ControlError(f"the daemon on {path} sent a malformed response")
+    if not response["ok"]:
+        raise ControlError(str(response.get("error") or "the daemon refused the request"))
+    return response.get("result")
+
+
+async def request(path: str, cmd: str, args: dict[str, Any] | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Send one command to the daemon on `path` and return its result (asyncio)."""
+    line = encode_request(cmd, args)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(path, limit=MAX_RESPONSE), timeout)
+    except TimeoutError:
+        raise ControlError(f"the daemon on {path} did not accept within {timeout:g} s") from None
+    except OSError as exc:
+        raise _connect_error(path, exc) from None
+    try:
+        writer.write(line)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        raise ControlError(f"the daemon on {path} did not answer {cmd!r} within "
+                           f"{timeout:g} s") from None
+    except ValueError:
+        raise ControlError(f"the daemon's answer is larger than {MAX_RESPONSE} bytes") from None
+    except ConnectionError as exc:
+        raise ControlError(f"lost the connection to the daemon on {path}: {exc}") from None
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return decode_response(answer, path)
+
+
+def call(path: str, cmd: str, args: dict[str, Any] | None = None,
+         timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Blocking `request`: what `nftsync ctl` uses (no event loop to start for one line)."""
+    line = encode_request(cmd, args)
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except TimeoutError:
+            raise ControlError(f"the daemon on {path} did not accept within {timeout:g} s") \
+                from None
+        except OSError as exc:
+            raise _connect_error(path, exc) from None
+        buf = bytearray()
+        try:
+            sock.sendall(line)
+            while not buf.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_RESPONSE:
+                    raise ControlError(f"the daemon's answer is larger than {MAX_RESPONSE} "
+                                       "bytes")
+        except TimeoutError:
+            raise ControlError(f"the daemon on {path} did not answer {cmd!r} within "
+                               f"{timeout:g} s") from None
+        except OSError as exc:
+            raise ControlError(f"lost the connection to the daemon on {path}: "
+                               f"{exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    return decode_response(bytes(buf), path)

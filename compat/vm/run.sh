@@ -2,23 +2,31 @@
 # Boot Debian's 6.1 kernel under qemu (TCG, no network device) with the patched xt_recent and
 # run tests/vm/guest-test.sh inside; prints the guest's console (RESULT/SUMMARY lines).
 #
-#   compat/vm/run.sh [-k KVER] [-t TIMEOUT_S]
+#   compat/vm/run.sh [-k KVER] [-t TIMEOUT_S] [-S]
+#
+# Two stages in one boot: tests/vm/guest-test.sh (busybox sh: the kernel command itself), then,
+# unless -S, tests/vm/guest_adapter.py (nftsync's adapter against the patched kernel), run in a
+# chroot of this host's root shared read-only over 9p (-virtfs), so the guest has Python and the
+# repository without building a root file system.
 #
 # Needs the packages compat/vm/setup.sh installs. Builds under $NFTSYNC_VM_DIR (default: .vm/ in
 # the repository, gitignored): the module (compat/kernel/build.sh), then an initramfs of
 # busybox-static + iptables-legacy (xtables-legacy-multi, its libraries, libxt_recent/standard)
-# + the modules x_tables ip_tables iptable_filter + xt_recent.ko. Exit status: 0 when the guest
-# reported SUMMARY with fail=0, 1 otherwise, 124 on timeout.
+# + the modules x_tables ip_tables iptable_filter (+ virtio/9p for stage 2) + xt_recent.ko.
+# Exit status: 0 when every RESULT line says PASS (and both stages reported), 1 otherwise,
+# 124 on timeout. The console log stays in $NFTSYNC_VM_DIR/console-KVER.log.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 kver=""
-timeout_s=90
-while getopts k:t: opt; do
+timeout_s=120
+stage2=1
+while getopts k:t:S opt; do
     case $opt in
         k) kver=$OPTARG ;;
         t) timeout_s=$OPTARG ;;
-        *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+        S) stage2=0 ;;
+        *) sed -n '2,17p' "$0" >&2; exit 2 ;;
     esac
 done
 [ -n "$kver" ] || kver=$(ls /lib/modules 2>/dev/null | grep '^6\.1\.' | sort -V | tail -n1 || true)
@@ -39,7 +47,10 @@ mkdir -p "$root/bin" "$root/sbin" "$root/proc" "$root/sys" "$root/run" "$root/de
          "$root/modules" "$root/etc"
 cp /bin/busybox "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
-for m in net/netfilter/x_tables net/ipv4/netfilter/ip_tables net/ipv4/netfilter/iptable_filter; do
+for m in net/netfilter/x_tables net/ipv4/netfilter/ip_tables net/ipv4/netfilter/iptable_filter \
+         drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
+         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci fs/netfs/netfs \
+         fs/fscache/fscache net/9p/9pnet net/9p/9pnet_virtio fs/9p/9p; do
     src=$moddir/$m.ko
     if [ -e "$src" ]; then cp "$src" "$root/modules/"
     elif [ -e "$src.xz" ]; then xz -dc "$src.xz" > "$root/modules/$(basename "$m").ko"
@@ -75,11 +86,21 @@ initrd=$vmdir/initramfs-$kver.cpio.gz
 hz=$(sed -n 's/^CONFIG_HZ=//p' "/boot/config-$kver" 2>/dev/null || true)
 log=$vmdir/console-$kver.log
 set +e
-timeout --kill-after=5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nographic \
-    -no-reboot -nic none -kernel "$kernel" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 quiet nftsync.hz=${hz:-250}" < /dev/null > "$log" 2>&1
+share=""
+append="console=ttyS0 panic=-1 quiet nftsync.hz=${hz:-250}"
+if [ "$stage2" = 1 ]; then
+    share="-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+    append="$append nftsync.repo=$repo"
+fi
+# shellcheck disable=SC2086 # $share is several words on purpose
+timeout --kill-after=5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 768 -smp 1 -nographic \
+    -no-reboot -nic none -kernel "$kernel" -initrd "$initrd" $share \
+    -append "$append" < /dev/null > "$log" 2>&1
 rc=$?
 set -e
 tr -d '\r' < "$log"
 [ $rc = 124 ] && { echo "run.sh: the VM did not finish within ${timeout_s}s" >&2; exit 124; }
+# Pass: the shell stage summed up with no failure, no FAIL line anywhere, and stage 2 reported.
 grep -q '^SUMMARY pass=[0-9]* fail=0' "$log" || exit 1
+! grep -q '^RESULT [^ ]* FAIL' "$log" || exit 1
+[ "$stage2" = 0 ] || grep -q '^RESULT adapter_[^ ]* PASS' "$log" || exit 1

@@ -172,10 +172,19 @@ def cmd_request(a: argparse.Namespace) -> int:
             raise UsageError(f"source {src} and VIP {a.vip} are not the same address family")
     jobs = [src for _ in range(a.repeat) for src in sources]
     t0 = time.monotonic()
+    stop_at = t0 + a.max_seconds
+
+    def job(src: str) -> dict:
+        # A run where everything times out must still end: past --max-seconds, requests not yet
+        # started are reported, not sent.
+        if time.monotonic() >= stop_at:
+            return {"src": src, "backend": None, "error": "not sent: --max-seconds reached"}
+        return one_request(a.vip, a.port, a.proto, src, a.timeout)
+
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
-        for r in pool.map(lambda src: one_request(a.vip, a.port, a.proto, src, a.timeout), jobs):
+        for r in pool.map(job, jobs):
             print(json.dumps(r))
             if r["backend"]:
                 counts[r["backend"]] = counts.get(r["backend"], 0) + 1
@@ -403,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeat", type=_positive(int, 1, MAX_REQUESTS), default=1)
     r.add_argument("--timeout", type=_positive(float, 0.01, 60), default=2.0)
     r.add_argument("--parallel", type=_positive(int, 1, 256), default=16)
+    r.add_argument("--max-seconds", type=_positive(float, 0.1, MAX_SECONDS), default=120.0,
+                   help="stop sending new requests after this long (the run is bounded)")
     r.set_defaults(func=cmd_request)
     st = sub.add_parser("stream", help="hold one stream connection; JSON summary out")
     st.add_argument("--vip", default="10.10.0.100")

@@ -189,7 +189,8 @@ class Lab:
     # --- traffic -------------------------------------------------------------------------------
     def request_raw(self, port: int = 80, sources: str | list[str] | None = None, repeat: int = 1,
                     proto: str = "tcp", vip: str = VIP4, timeout: float = 2.0,
-                    parallel: int = 16, node: str = "client") -> tuple[list[dict], dict]:
+                    parallel: int = 16, node: str = "client",
+                    max_seconds: float = 120.0) -> tuple[list[dict], dict]:
         """Every request's record ({"src", "backend", "error"}) and the summary.
 
         `node` other than the client (e.g. lb1 with its back address as source, a backend as
@@ -199,10 +200,11 @@ class Lab:
             sources = [client6(i) if ":" in vip else client4(i) for i in range(1, self.clients + 1)]
         spec = sources if isinstance(sources, str) else ",".join(sources)
         n = max(1, len(spec.split(","))) * repeat
-        budget = min(600.0, 10 + timeout * n / parallel * 1.5)
+        budget = min(max_seconds, timeout * (n / parallel + 2)) + timeout + 15
         p = self.python(node, CLIENT_PY, "request", "--vip", vip, "--port", str(port),
                         "--proto", proto, "--sources", spec, "--repeat", str(repeat),
-                        "--timeout", str(timeout), "--parallel", str(parallel), timeout=budget)
+                        "--timeout", str(timeout), "--parallel", str(parallel),
+                        "--max-seconds", str(max_seconds), timeout=budget)
         records = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
         summary = records.pop()["summary"]
         return records, summary

@@ -256,6 +256,10 @@ def test_vip_moves_to_lb2_and_back(lab: Lab, dnat_lb1):
         assert f"{VIP4}/16" not in addrs(lab, "lb2", "front")
         _, summary = lab.request_raw(port=80, sources=[client4(1)], timeout=0.5)
         assert summary["ok"] == 0
+        # Nobody answers now: a run still ends by itself, sending nothing past --max-seconds.
+        records, summary = lab.request_raw(port=80, timeout=0.2, parallel=1, max_seconds=0.5)
+        assert summary["requests"] == 50 and summary["ok"] == 0
+        assert records[-1]["error"] == "not sent: --max-seconds reached"
     finally:
         lab.move_vip("lb1")
     assert lab.request(port=80, sources=[client4(2)]) == {client4(2): ["be1"]}

@@ -15,7 +15,7 @@ import click
 from nftsync.errors import NftsyncError, NotRootError
 
 # Subcommand modules, each exporting `command` (a click command or group).
-SUBCOMMANDS: tuple[str, ...] = ("apply", "sessions", "backend", "compat")
+SUBCOMMANDS: tuple[str, ...] = ("apply", "sessions", "backend", "compat", "daemon", "ctl")
 
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout instead of text."

@@ -1,0 +1,262 @@
+"""`nftsync ctl`: query and steer a running `nftsync daemon` over its control socket."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from nftsync.cli.common import emit, handle_errors, json_option
+from nftsync.daemon import control
+from nftsync.daemon.config import DEFAULT_SOCKET
+
+#: `nftsync ctl status` exit codes, as monitoring plugins (Nagios, keepalived track scripts)
+#: read them: 0 ok, 1 degraded (warning), 2 failing (critical), 3 no answer (unknown).
+HEALTH_EXIT = {"ok": 0, "degraded": 1, "failing": 2}
+EXIT_UNKNOWN = 3
+
+
+@click.group("ctl")
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True,
+              envvar="NFTSYNC_SOCKET", metavar="PATH",
+              help="The daemon's control socket (also $NFTSYNC_SOCKET).")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=3600), default=10.0,
+              show_default=True, metavar="SECONDS", help="How long to wait for the answer.")
+@click.pass_context
+def command(ctx: click.Context, socket_path: str, timeout: float) -> None:
+    """Query and steer the running sync daemon (the seed's ssyncdctl).
+
+    \b
+    Examples:
+      nftsync ctl status                # health, role, peers up; exit 0 ok, 1 degraded,
+                                        # 2 failing, 3 no daemon (for keepalived/monitoring)
+      nftsync ctl peers                 # per peer: state, entries sent/applied, lag, errors
+      nftsync ctl stats --json
+      nftsync ctl resync --peer lb2     # ask for a full snapshot again (all peers if none)
+      nftsync ctl promote               # this node is now the active one (keepalived notify)
+      nftsync ctl demote
+      nftsync ctl show --farm web --limit 20   # the replicated sessions held in memory
+    """
+    ctx.obj = (socket_path, timeout)
+
+
+def _obj() -> tuple[str, float]:
+    return click.get_current_context().obj
+
+
+@command.command("status")
+@json_option
+@handle_errors
+def status(as_json: bool) -> None:
+    """Health, role and peers of this node; the exit code is the health (0 = ok)."""
+    path, timeout = _obj()
+    try:
+        data = control.call(path, "status", None, timeout)
+    except control.ControlError as exc:
+        click.echo(f"nftsync: error: {exc}", err=True)
+        sys.exit(EXIT_UNKNOWN)
+    emit(as_json, data, _status_text)
+    health = data.get("health") if isinstance(data, dict) else None
+    sys.exit(HEALTH_EXIT.get(str(health), EXIT_UNKNOWN))
+
+
+@command.command("peers")
+@json_option
+@handle_errors
+def peers(as_json: bool) -> None:
+    """Every peer: connection state and since when, entries sent/received/applied, lag, errors."""
+    path, timeout = _obj()
+    emit(as_json, control.call(path, "peers", None, timeout), _peers_text)
+
+
+@command.command("stats")
+@json_option
+@handle_errors
+def stats(as_json: bool) -> None:
+    """Replication counters: entries, lag, overruns, resnapshots, auth failures, last errors."""
+    path, timeout = _obj()
+    emit(as_json, control.call(path, "stats", None, timeout), render)
+
+
+@command.command("resync")
+@click.option("--peer", metavar="NAME", help="Only this peer (name or address; default: all).")
+@json_option
+@handle_errors
+def resync(peer: str | None, as_json: bool) -> None:
+    """Ask for a full snapshot again, after a restore or when the state looks off."""
+    path, timeout = _obj()
+    args = {"peer": peer} if peer else {}
+    emit(as_json, control.call(path, "resync", args, timeout), _done("resync requested"))
+
+
+@command.command("promote")
+@json_option
+@handle_errors
+def promote(as_json: bool) -> None:
+    """Make this node the active one (call it from keepalived's notify_master)."""
+    path, timeout = _obj()
+    emit(as_json, control.call(path, "promote", None, timeout), _done("role: active"))
+
+
+@command.command("demote")
+@json_option
+@handle_errors
+def demote(as_json: bool) -> None:
+    """Make this node a backup (call it from keepalived's notify_backup)."""
+    path, timeout = _obj()
+    emit(as_json, control.call(path, "demote", None, timeout), _done("role: backup"))
+
+
+@command.command("show")
+@click.option("--farm", metavar="NAME", help="Only this farm.")
+@click.option("--limit", type=click.IntRange(1, control.MAX_SHOW_LIMIT), default=100,
+              show_default=True, help="At most this many sessions per farm.")
+@json_option
+@handle_errors
+def show(farm: str | None, limit: int, as_json: bool) -> None:
+    """The daemon's in-memory mirror: replicated sessions per farm, conntrack entry count."""
+    path, timeout = _obj()
+    args: dict[str, Any] = {"limit": limit}
+    if farm:
+        args["farm"] = farm
+    emit(as_json, control.call(path, "show", args, timeout), render)
+
+
+# --------------------------------------------------------------------------------------------
+# Human output
+# --------------------------------------------------------------------------------------------
+
+def duration(seconds: Any) -> str:
+    """3725 -> '1h02m05s'; short values keep a decimal ('1.5s')."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-" if seconds is None else str(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds % 1 else f"{int(seconds)}s"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def since(value: Any) -> str:
+    """A peer's `since`: a Unix time (shown as an age) or already a number of seconds ago."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value > 1_000_000_000:  # a Unix timestamp
+            return duration(max(0.0, time.time() - value)) + " ago"
+        return duration(value) + " ago"
+    return "-" if value is None else str(value)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={cell(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] | None = None,
+          headers: dict[str, str] | None = None) -> str:
+    """Left-aligned columns sized to their content; the last column is not padded."""
+    if not rows:
+        return "(none)"
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    heads = [(headers or {}).get(c, c.upper()) for c in columns]
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    lines = []
+    for row in [heads, *cells]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths[:-1], strict=True))
+                     + ("  " if len(row) > 1 else "") + row[-1])
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render(data: Any, indent: str = "") -> str:
+    """Generic human form of a JSON result: key/value lines, lists of objects as tables."""
+    if isinstance(data, dict):
+        if not data:
+            return f"{indent}(empty)"
+        width = max(len(str(k)) for k in data)
+        lines = []
+        for key, value in data.items():
+            nested = isinstance(value, dict) or (
+                isinstance(value, list) and all(isinstance(v, dict) for v in value))
+            if nested and value:
+                lines.append(f"{indent}{key}:")
+                lines.append(render(value, indent + "  "))
+            else:
+                lines.append(f"{indent}{str(key).ljust(width)}  {cell(value)}")
+        return "\n".join(lines)
+    if isinstance(data, list):
+        if data and all(isinstance(v, dict) for v in data):
+            return "\n".join(indent + line for line in table(data).splitlines())
+        return indent + (cell(data) if data else "(none)")
+    return indent + cell(data)
+
+
+def _status_text(d: Any) -> str:
+    if not isinstance(d, dict):
+        return render(d)
+    farms = d.get("farms")
+    lines = [
+        f"node      {d.get('node', '?')} (id {d.get('node_id', '?')}), cluster "
+        f"{d.get('cluster', '?')}",
+        f"role      {d.get('role', '?')}",
+        f"health    {d.get('health', '?')}",
+    ]
+    lines += [f"          - {r}" for r in d.get("reasons") or []]
+    lines += [
+        f"uptime    {duration(d.get('uptime_s'))}",
+        f"peers     {d.get('peers_up', '?')}/{d.get('peers_total', '?')} up",
+        f"farms     {cell(farms) if farms else '(every nftsync farm)'}",
+    ]
+    known = {"node", "node_id", "cluster", "role", "health", "reasons", "uptime_s", "farms",
+             "peers_up", "peers_total"}
+    extra = {k: v for k, v in d.items() if k not in known}
+    if extra:
+        lines.append(render(extra))
+    return "\n".join(lines)
+
+
+_PEER_COLUMNS = ["name", "node_id", "address", "state", "since", "sent", "received", "applied",
+                 "lag_ms", "resnapshots", "auth_failures", "last_error"]
+_PEER_HEADERS = {"node_id": "ID", "lag_ms": "LAG", "resnapshots": "RESNAP",
+                 "auth_failures": "AUTHFAIL", "received": "RECV", "last_error": "LAST ERROR"}
+
+
+def _peers_text(rows: Any) -> str:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return render(rows)
+    if not rows:
+        return "no peers configured (the daemon only accepts incoming connections)"
+    shown = []
+    for r in rows:
+        row = dict(r)
+        row["since"] = since(r.get("since"))
+        lag = r.get("lag_ms")
+        row["lag_ms"] = f"{lag:g}ms" if isinstance(lag, (int, float)) else lag
+        shown.append(row)
+    columns = _PEER_COLUMNS + [k for k in rows[0] if k not in _PEER_COLUMNS]
+    return table(shown, columns, _PEER_HEADERS)
+
+
+def _done(fallback: str):
+    def text(result: Any) -> str:
+        if isinstance(result, dict) and result:
+            return render(result)
+        return fallback if result in (None, {}, True) else cell(result)
+    return text

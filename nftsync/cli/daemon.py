@@ -1,0 +1,248 @@
+"""`nftsync daemon`: run the sync daemon in the foreground (systemd runs it as Type=simple)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from nftsync.cli.common import emit, handle_errors, json_option, require_root
+from nftsync.daemon.config import DEFAULT_CONFIG, DaemonConfig, load_config
+from nftsync.daemon.control import ControlServer
+from nftsync.errors import NftsyncError
+
+log = logging.getLogger("nftsync.daemon")
+
+#: syslog priorities for the "<N>" prefix journald understands on stdout/stderr (sd-daemon(3)).
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+@click.command("daemon")
+@click.option("--config", "config_path", metavar="FILE",
+              help=f"TOML config file (default: {DEFAULT_CONFIG}, if it exists).")
+@click.option("--listen", metavar="ADDR:PORT",
+              help="Address for peer connections (default 0.0.0.0:7777; [::]:7777 for IPv6).")
+@click.option("--peer", "peers", multiple=True, metavar="ADDR:PORT",
+              help="A peer load balancer (repeat for a mesh); port 7777 if left out.")
+@click.option("--key-file", metavar="FILE",
+              help="The cluster's pre-shared key (mode 0600, the same file on every node).")
+@click.option("--role", metavar="active|backup",
+              help="active: this node serves the VIP now; backup: it stands by (default).")
+@click.option("--socket", metavar="PATH", help="Control socket for `nftsync ctl` "
+              "(default /run/nftsync/nftsync.sock).")
+@click.option("--node-id", type=int, metavar="N",
+              help="Node id 1..4294967295, unique in the cluster (default: from the node name).")
+@click.option("--node-name", metavar="NAME", help="This node's name (default: the hostname).")
+@click.option("--cluster", metavar="NAME",
+              help="Cluster name; peers of another cluster are refused (default: nftsync).")
+@click.option("--farm", "farms", multiple=True, metavar="NAME",
+              help="Replicate only this farm (repeat; default: every nftsync farm).")
+@click.option("--conntrack/--no-conntrack", default=None,
+              help="Replicate the farms' conntrack entries too (default: yes).")
+@click.option("--log-level", metavar="LEVEL", help="debug, info (default), warning or error.")
+@click.option("--check", is_flag=True,
+              help="Only validate the configuration, print it (without the key) and exit.")
+@json_option
+@handle_errors
+def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
+            key_file: str | None, role: str | None, socket: str | None, node_id: int | None,
+            node_name: str | None, cluster: str | None, farms: tuple[str, ...],
+            conntrack: bool | None, log_level: str | None, check: bool, as_json: bool) -> None:
+    """Replicate sessions and conntrack entries to the peer load balancers (the seed's ssyncd).
+
+    Settings are read from the config file, then the flags override them. The key file is
+    required: the same secret on every node (docs/daemon.md shows how to make one). The daemon
+    runs in the foreground and logs to stderr (journald-friendly under systemd).
+
+    \b
+    Signals: SIGTERM/SIGINT stop it cleanly, SIGHUP re-reads the config file (a bad new file
+    is logged and the running configuration kept). `nftsync ctl` queries and steers it.
+
+    \b
+    The seed's two modes (ssyncd -M -p 7777 / ssyncd -B -a 10.0.0.1 -p 7777):
+      lb1# nftsync daemon --role active --listen :7777 --peer 10.0.0.2 \\
+               --key-file /etc/nftsync/key
+      lb2# nftsync daemon --role backup --listen :7777 --peer 10.0.0.1:7777 \\
+               --key-file /etc/nftsync/key
+    A 3-node mesh (every node lists the two others; run the same on lb2 and lb3):
+      lb1# nftsync daemon --cluster prod --peer 10.0.0.2 --peer 10.0.0.3 \\
+               --key-file /etc/nftsync/key --farm web
+    From the config file, as systemd runs it (and checking it first):
+      nftsync daemon --check --config /etc/nftsync/nftsync.toml
+      nftsync daemon --config /etc/nftsync/nftsync.toml
+    """
+    overrides: dict[str, Any] = {
+        "listen": listen, "peers": list(peers), "key_file": key_file, "role": role,
+        "socket": socket, "node_id": node_id, "node_name": node_name, "cluster": cluster,
+        "farms": list(farms), "conntrack": conntrack, "log_level": log_level,
+    }
+    config = load_config(config_path, overrides)
+    if check:
+        emit(as_json, describe(config), _describe_text)
+        return
+    require_root()
+    setup_logging(config.log_level)
+    asyncio.run(_Runner(config, config_path, overrides).run())
+
+
+def describe(config: DaemonConfig) -> dict[str, Any]:
+    """The effective configuration as JSON-able data, with the key itself left out."""
+    return {
+        "config_file": config.config_file, "node_name": config.node_name,
+        "node_id": config.node_id, "cluster": config.cluster, "role": config.role,
+        "listen": str_endpoint(config.listen_host, config.listen_port),
+        "peers": [str(p) for p in config.peers], "key_file": config.key_file,
+        "key_bytes": len(config.key), "farms": config.farms, "conntrack": config.conntrack,
+        "socket": config.socket, "log_level": config.log_level,
+        "timing": {k: getattr(config, k) for k in ("heartbeat_interval", "peer_timeout",
+                                                  "reconnect_min", "reconnect_max",
+                                                  "batch_delay", "stall_after")},
+        "limits": {"queue_limit": config.queue_limit, "batch_records": config.batch_records},
+    }
+
+
+def str_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _describe_text(d: dict[str, Any]) -> str:
+    lines = ["configuration is valid"]
+    for key, value in d.items():
+        if isinstance(value, dict):
+            lines += [f"  {key}.{k:19} {v}" for k, v in value.items()]
+            continue
+        if key == "farms" and value is None:
+            value = "(every nftsync farm)"
+        elif isinstance(value, list):
+            value = ", ".join(value) or "(none)"
+        lines.append(f"  {key:26} {value}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+def on_journal() -> bool:
+    """True when stderr is connected to journald (systemd sets JOURNAL_STREAM to its dev:ino)."""
+    value = os.environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalFormatter(logging.Formatter):
+    """`<N>level: message`: journald takes the priority from <N> and adds its own timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        # journald splits on newlines: give every line (e.g. of a traceback) the priority.
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if on_journal():
+        handler.setFormatter(JournalFormatter("%(levelname)s: %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+class _Runner:
+    """Owns the daemon, its control socket and the signal handlers for one `nftsync daemon`."""
+
+    def __init__(self, config: DaemonConfig, config_path: str | None,
+                 overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        # Imported here so that `--help`, `--check` and config errors never depend on the core.
+        from nftsync.daemon.core import Daemon
+
+        daemon = Daemon(self.config)
+        control = ControlServer(daemon, self.config.socket)
+        await control.start()  # first: refuses to start when another daemon owns the socket
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop, daemon, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._spawn_reload, daemon)
+        log.info("nftsync daemon starting: node %s (id %d), cluster %s, role %s, listening on "
+                 "%s, peers: %s", self.config.node_name, self.config.node_id,
+                 self.config.cluster, self.config.role,
+                 str_endpoint(self.config.listen_host, self.config.listen_port),
+                 ", ".join(str(p) for p in self.config.peers) or "none")
+        try:
+            await daemon.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for task in list(self._tasks):
+                task.cancel()
+            await control.close()
+        log.info("nftsync daemon stopped")
+
+    def _stop(self, daemon: Any, signame: str) -> None:
+        log.info("%s received: stopping", signame)
+        daemon.stop()
+
+    def _spawn_reload(self, daemon: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(daemon))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self, daemon: Any) -> None:
+        """SIGHUP: re-read the file (flags still win); keep the running config if it is bad."""
+        async with self._reload_lock:
+            source = self.config.config_file or "the command line (no config file)"
+            log.info("SIGHUP received: reloading the configuration from %s", source)
+            try:
+                new = load_config(self.config_path, self.overrides)
+            except NftsyncError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                return
+            if new.socket != self.config.socket:
+                log.warning("the control socket moves only on restart; still serving %s",
+                            self.config.socket)
+                new.socket = self.config.socket
+            try:
+                changed = await daemon.reload(new)
+            except NftsyncError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                return
+            if new.log_level != self.config.log_level:
+                logging.getLogger().setLevel(new.log_level.upper())
+            self.config = new
+            log.info("configuration reloaded: %s", _changes(changed))
+
+
+def _changes(changed: Any) -> str:
+    if not changed:
+        return "nothing changed"
+    if isinstance(changed, dict):
+        return "; ".join(f"{k}: {v}" for k, v in changed.items())
+    return str(changed)

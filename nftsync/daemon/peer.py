@@ -1,0 +1,344 @@
+"""One peer: its connection, its send queue, and the replication exchange over it.
+
+Per connection (docs/protocol.md, "Replication semantics"): each side first sends a snapshot of
+what it originated (and returns what it holds of the peer's own origin, so a restarted peer gets
+its state back), then UPDATES with seq 1, 2, ... The receiver ACKs cumulatively, asks for a new
+snapshot on a gap, and after a complete snapshot removes what that origin no longer has.
+
+The send queue coalesces by key (a session refreshed ten times before the batch leaves is sent
+once) and is bounded: on overflow it is dropped and a snapshot is scheduled instead, since the
+mirror still holds everything; the seq numbers skip so the receiver sees the gap too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nftsync.proto import (
+    Ack,
+    Channel,
+    ConnectionClosed,
+    ConntrackRecord,
+    Heartbeat,
+    ProtocolError,
+    Record,
+    RefuseReason,
+    ResyncRequest,
+    SessionRecord,
+    SnapshotBegin,
+    SnapshotChunk,
+    SnapshotEnd,
+    Updates,
+    split_records,
+)
+
+from .mirror import now_ms
+
+if TYPE_CHECKING:
+    from .core import Daemon
+
+log = logging.getLogger("nftsync.daemon")
+
+ACK_EVERY_FRAMES = 64
+ACK_EVERY_S = 0.05
+SNAPSHOT_CHUNK = 4000
+MAX_UNACKED_FRAMES = 256  # window: stop sending updates until the peer acknowledges
+LAG_SAMPLES = 2048
+
+
+@dataclass(slots=True)
+class LinkStats:
+    sent: int = 0  # records sent (updates and snapshots)
+    received: int = 0  # records received
+    applied: int = 0  # received records that won and went into the kernel
+    frames_sent: int = 0
+    frames_received: int = 0
+    snapshots_sent: int = 0
+    snapshots_received: int = 0
+    resnapshots: int = 0  # snapshots caused by overflow, gaps or resync requests
+    overflows: int = 0
+    gaps: int = 0
+    auth_failures: int = 0
+    rejected: int = 0  # records with a foreign origin or an unknown map
+    swept: int = 0  # entries removed after a snapshot
+    connects: int = 0
+    lag_ms: deque = field(default_factory=lambda: deque(maxlen=LAG_SAMPLES))
+
+
+class PeerLink:
+    """A peer known by configuration (dialled) or by an inbound connection."""
+
+    def __init__(self, daemon: Daemon, name: str, host: str | None = None,
+                 port: int | None = None) -> None:
+        self.daemon = daemon
+        self.name = name
+        self.host = host
+        self.port = port
+        self.node_id: int | None = None
+        self.node_name: str | None = None
+        self.channel: Channel | None = None
+        self.state = "down"
+        self.since = time.monotonic()
+        self.last_error = ""
+        self.stats = LinkStats()
+        self.pending: dict[object, Record] = {}
+        self.need_snapshot = False
+        self.wake = asyncio.Event()
+        self.send_seq = 0
+        self.acked_seq = 0
+        self.sent_at: dict[int, float] = {}
+        self.last_rx = time.monotonic()
+        self.recv_seq = 0
+        self.snap_epoch: int | None = None
+        self.snap_since = 0.0
+        self.snap_count = 0
+        self.tasks: list[asyncio.Task] = []
+        self.dialer: asyncio.Task | None = None
+
+    # -- queue -------------------------------------------------------------------------------
+    def enqueue(self, qkey: object, record: Record) -> None:
+        if self.channel is None:
+            return  # the next connection starts with a snapshot anyway
+        pending = self.pending
+        pending[qkey] = record
+        if len(pending) > self.daemon.config.queue_limit:
+            pending.clear()
+            self.stats.overflows += 1
+            self.send_seq += 1  # the receiver sees a gap, as the protocol says
+            self.request_snapshot("send queue overflow")
+        elif len(pending) == 1:
+            self.wake.set()
+
+    def request_snapshot(self, why: str) -> None:
+        if self.channel is not None:
+            log.info("peer %s: new snapshot (%s)", self.name, why)
+            self.stats.resnapshots += 1
+        self.need_snapshot = True
+        self.wake.set()
+
+    # -- status ------------------------------------------------------------------------------
+    def unacked_age(self) -> float:
+        if not self.sent_at:
+            return 0.0
+        return time.monotonic() - min(self.sent_at.values())
+
+    def as_dict(self) -> dict:
+        lag = sorted(self.stats.lag_ms)
+        s = self.stats
+        return {
+            "name": self.name, "address": f"{self.host}:{self.port}" if self.host else None,
+            "node_id": self.node_id, "node_name": self.node_name, "state": self.state,
+            "since_s": round(time.monotonic() - self.since, 1), "last_error": self.last_error,
+            "sent": s.sent, "received": s.received, "applied": s.applied,
+            "frames_sent": s.frames_sent, "frames_received": s.frames_received,
+            "queued": len(self.pending), "unacked_frames": len(self.sent_at),
+            "unacked_age_s": round(self.unacked_age(), 3),
+            "lag_ms": {"p50": _pct(lag, 0.5), "p99": _pct(lag, 0.99), "last": lag[-1]
+                       if lag else None} if lag else None,
+            "snapshots_sent": s.snapshots_sent, "snapshots_received": s.snapshots_received,
+            "resnapshots": s.resnapshots, "overflows": s.overflows, "gaps": s.gaps,
+            "auth_failures": s.auth_failures, "rejected": s.rejected, "swept": s.swept,
+            "connects": s.connects,
+        }
+
+    # -- connection life cycle ---------------------------------------------------------------
+    async def attach(self, channel: Channel) -> None:
+        """Run replication over an authenticated channel until it fails or is replaced."""
+        self.channel = channel
+        self.node_id = channel.peer.node_id
+        self.node_name = channel.peer.node_name
+        self.state = "up"
+        self.since = time.monotonic()
+        self.last_error = ""
+        self.stats.connects += 1
+        self.pending.clear()
+        self.send_seq = self.acked_seq = self.recv_seq = 0
+        self.sent_at.clear()
+        self.snap_epoch = None
+        self.need_snapshot = True
+        self.last_rx = time.monotonic()
+        self.wake.set()
+        log.info("peer %s: up (node %d %s)", self.name, self.node_id, self.node_name)
+        sender = asyncio.create_task(self._send_loop(channel))
+        receiver = asyncio.create_task(self._recv_loop(channel))
+        self.tasks = [sender, receiver]
+        try:
+            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    self.last_error = str(exc) or type(exc).__name__
+        finally:
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.tasks = []
+            channel.close()
+            if self.channel is channel:
+                self.channel = None
+                self.state = "down"
+                self.since = time.monotonic()
+                self.pending.clear()
+                self.sent_at.clear()
+            log.warning("peer %s: down (%s)", self.name, self.last_error or "closed")
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        for t in self.tasks:
+            t.cancel()
+
+    # -- sending -----------------------------------------------------------------------------
+    async def _send_loop(self, ch: Channel) -> None:
+        cfg = self.daemon.config
+        last_tx = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):  # a quiet interval: time for a heartbeat
+                await asyncio.wait_for(self.wake.wait(), timeout=cfg.heartbeat_interval)
+            self.wake.clear()
+            if self.need_snapshot:
+                self.need_snapshot = False
+                await self._send_snapshot(ch)
+                last_tx = time.monotonic()
+            if self.pending and len(self.sent_at) < MAX_UNACKED_FRAMES:
+                if cfg.batch_delay and len(self.pending) < cfg.batch_records:
+                    await asyncio.sleep(cfg.batch_delay)
+                await self._send_updates(ch)
+                last_tx = time.monotonic()
+                if self.pending:
+                    self.wake.set()
+            if time.monotonic() - last_tx >= cfg.heartbeat_interval:
+                await ch.send(Heartbeat(now_ms(), self.recv_seq))
+                last_tx = time.monotonic()
+
+    async def _send_updates(self, ch: Channel) -> None:
+        limit = self.daemon.config.batch_records
+        pending = self.pending
+        if len(pending) <= limit:
+            records = list(pending.values())
+            pending.clear()
+        else:
+            keys = list(pending)[:limit]
+            records = [pending.pop(k) for k in keys]
+        frames = []
+        for chunk in split_records(records):
+            self.send_seq += 1
+            self.sent_at[self.send_seq] = time.monotonic()
+            frames.append(Updates(self.send_seq, chunk))
+        await ch.send_many(frames)
+        self.stats.sent += len(records)
+        self.stats.frames_sent += len(frames)
+
+    async def _send_snapshot(self, ch: Channel) -> None:
+        me = self.daemon.node_id
+        epoch = max(now_ms(), getattr(self, "_last_epoch", 0) + 1)
+        self._last_epoch = epoch
+        # Whatever was queued is contained in the snapshot.
+        self.pending.clear()
+        records = self.daemon.snapshot_records(self.node_id)
+        await ch.send(SnapshotBegin(epoch, me))
+        sent = 0
+        for i in range(0, len(records), SNAPSHOT_CHUNK):
+            batch = records[i:i + SNAPSHOT_CHUNK]
+            await ch.send_many([SnapshotChunk(epoch, c) for c in split_records(batch)])
+            sent += len(batch)
+        await ch.send(SnapshotEnd(epoch, me, sent))
+        self.stats.sent += sent
+        self.stats.snapshots_sent += 1
+        log.info("peer %s: sent snapshot epoch %d (%d records)", self.name, epoch, sent)
+
+    # -- receiving ---------------------------------------------------------------------------
+    async def _recv_loop(self, ch: Channel) -> None:
+        cfg = self.daemon.config
+        frames_since_ack = 0
+        last_ack = time.monotonic()
+        while True:
+            try:
+                msg = await asyncio.wait_for(ch.recv(), timeout=cfg.peer_timeout)
+            except TimeoutError:
+                raise ConnectionClosed(f"no frame from the peer for {cfg.peer_timeout:.1f}s") \
+                    from None
+            self.last_rx = time.monotonic()
+            self.stats.frames_received += 1
+            if isinstance(msg, Updates):
+                if msg.seq != self.recv_seq + 1:
+                    self.stats.gaps += 1
+                    await ch.send(ResyncRequest(RefuseReason.SEQ_GAP,
+                                                f"expected seq {self.recv_seq + 1}, got {msg.seq}"))
+                self.recv_seq = msg.seq
+                self._apply(msg.records, in_snapshot=False)
+                frames_since_ack += 1
+                if frames_since_ack >= ACK_EVERY_FRAMES or \
+                        time.monotonic() - last_ack >= ACK_EVERY_S:
+                    await ch.send(Ack(self.recv_seq))
+                    frames_since_ack, last_ack = 0, time.monotonic()
+            elif isinstance(msg, SnapshotBegin):
+                if msg.origin != self.node_id:
+                    raise ProtocolError(f"snapshot of origin {msg.origin} from node {self.node_id}")
+                self.snap_epoch, self.snap_count = msg.epoch, 0
+                self.snap_since = time.monotonic()
+            elif isinstance(msg, SnapshotChunk):
+                if msg.epoch != self.snap_epoch:
+                    self.snap_epoch = None
+                    await ch.send(ResyncRequest(RefuseReason.EPOCH_CHANGED, "chunk of an "
+                                                "unknown snapshot"))
+                    continue
+                self.snap_count += len(msg.records)
+                self._apply(msg.records, in_snapshot=True)
+            elif isinstance(msg, SnapshotEnd):
+                if msg.epoch != self.snap_epoch or msg.count != self.snap_count:
+                    self.snap_epoch = None
+                    await ch.send(ResyncRequest(RefuseReason.EPOCH_CHANGED, "incomplete "
+                                                "snapshot"))
+                    continue
+                self.snap_epoch = None
+                self.stats.snapshots_received += 1
+                self.stats.swept += self.daemon.snapshot_done(self, self.snap_since)
+                await ch.send(Ack(self.recv_seq))
+            elif isinstance(msg, Ack):
+                for seq in [s for s in self.sent_at if s <= msg.seq]:
+                    self.stats.lag_ms.append((time.monotonic() - self.sent_at.pop(seq)) * 1000)
+                self.acked_seq = max(self.acked_seq, msg.seq)
+                self.wake.set()
+            elif isinstance(msg, ResyncRequest):
+                self.request_snapshot(f"the peer asked: {msg.text or msg.reason}")
+            elif isinstance(msg, Heartbeat) and frames_since_ack:
+                await ch.send(Ack(self.recv_seq))
+                frames_since_ack, last_ack = 0, time.monotonic()
+
+    def _apply(self, records: list[Record], in_snapshot: bool) -> None:
+        peer = self.node_id
+        me = self.daemon.node_id
+        good: list[Record] = []
+        for r in records:
+            # Only the sender's own records, and (in a snapshot) ours being returned to us.
+            if r.origin == peer or (in_snapshot and r.origin == me):
+                good.append(r)
+            else:
+                self.stats.rejected += 1
+        self.stats.received += len(records)
+        applied, rejected = self.daemon.apply_remote(good)
+        self.stats.applied += applied
+        self.stats.rejected += rejected
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+
+def record_key(r: Record) -> object:
+    """Coalescing key of a record in a send queue."""
+    if isinstance(r, SessionRecord):
+        return (r.map_id, r.key)
+    assert isinstance(r, ConntrackRecord)
+    # CtEntry wire form: family+proto at 1..3, zone at 16..18, original tuple at 20..56.
+    e = r.entry
+    return ("ct", e[1:3] + e[16:18] + e[20:56])

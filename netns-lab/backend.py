@@ -61,6 +61,7 @@ class Backend:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.streams: dict[int, Conn] = {}
+        self.next_idle_check = 0.0
 
     # --- sockets -------------------------------------------------------------------------------
     def bind_all(self) -> None:
@@ -114,9 +115,11 @@ class Backend:
                 if not self._flush(fd, c):
                     continue
             wait = min(wait, c.started + c.n * STREAM_INTERVAL - now)
-        for fd, c in list(self.conns.items()):
-            if c.kind == "http" and now - c.last > IDLE_MAX:
-                self._close(fd)
+        if now >= self.next_idle_check:  # once a second, not per event: cheap under load
+            self.next_idle_check = now + 1.0
+            for fd, c in list(self.conns.items()):
+                if c.kind == "http" and now - c.last > IDLE_MAX:
+                    self._close(fd)
         return max(wait, 0.0)
 
     def _accept(self, lsock: socket.socket, kind: str) -> None:

@@ -252,6 +252,16 @@ class Lab:
     def restore_sync(self) -> None:
         lab_sh(self.prefix, "link", "sync", "up")
 
+    def reset(self) -> None:
+        """Back to the state right after `up`: lb1 active, sync link up, no ruleset and no
+        conntrack entries on either LB. For tests that share the module's lab."""
+        if self.active() != "lb1":
+            self.move_vip("lb1")
+        self.restore_sync()
+        for node in ("lb1", "lb2"):
+            self.nft(node, "flush", "ruleset")
+            self.exec(node, "conntrack", "-F")
+
     def status(self) -> str:
         return lab_sh(self.prefix, "status").stdout
 

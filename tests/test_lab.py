@@ -297,6 +297,21 @@ def test_announce_updates_neighbour_caches(lab: Lab):
         lab.exec("client", "ip", "-6", "neigh", "flush", "dev", "front")
 
 
+def test_reset_restores_the_default(lab: Lab):
+    try:
+        install_dnat(lab, "lb2")
+        lab.move_vip("lb2")
+        lab.cut_sync()
+        assert lab.request(port=80, sources=[client4(4)]) == {client4(4): ["be1"]}
+        assert int(lab.exec("lb2", "conntrack", "-C").stdout) >= 1
+    finally:
+        lab.reset()
+    assert lab.active() == "lb1" and f"{VIP4}/16" in addrs(lab, "lb1", "front")
+    assert lab.nft_json("lb2", "list", "ruleset")[1:] == []  # only the metainfo object
+    assert int(lab.exec("lb2", "conntrack", "-C").stdout) == 0
+    assert lab.ping("lb2", SYNC4["lb1"])
+
+
 def test_bad_knob_arguments_fail_clearly(lab: Lab):
     with pytest.raises(LabError, match="vip needs lb1, lb2 or none"):
         lab_sh(lab.prefix, "vip", "lb3")

@@ -168,14 +168,6 @@ veth() { # nsA ifA nsB ifB -- made directly inside both namespaces, never in the
     ip link add "$2" netns "$LAB-$1" type veth peer name "$4" netns "$LAB-$3"
 }
 
-addr_v4() { # node dev cidr
-    ipn "$1" addr add "$3" dev "$2"
-}
-
-addr_v6() { # node dev cidr
-    ipn "$1" -6 addr add "$3" dev "$2" nodad
-}
-
 # Make `node` the active LB: give it the VIP on front and the backends' gateway on back.
 take_vip() {
     local node=$1
@@ -199,8 +191,8 @@ drop_vip() {
 }
 
 # Tell the segment where the moved addresses live now: gratuitous ARP + unsolicited NA from the new
-# holder (what keepalived does), then flush the neighbour caches of the lab's own hosts, because a
-# GARP arriving within neigh locktime (1 s) of the last update is ignored by Linux.
+# holder (what keepalived does). Then flush those entries on the lab's own hosts as well, so they
+# re-resolve even when an announcement is lost or not accepted (arp_accept, neigh locktime).
 announce_and_flush() {
     local node=$1 k
     if [[ "$node" != none ]]; then

@@ -7,6 +7,8 @@ import subprocess
 
 import netns
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nftsync.compat.clock import (
     KernelClock,
@@ -16,6 +18,7 @@ from nftsync.compat.clock import (
 from nftsync.compat.xtrecent import (
     MAX_LINE,
     ProcFormatError,
+    RecentSession,
     TableFullError,
     XtRecentError,
     XtRecentTable,
@@ -69,6 +72,34 @@ def test_malformed_line_names_file_and_line(line: str, what: str) -> None:
     with pytest.raises(ProcFormatError) as err:
         parse_proc(text, source="/proc/net/xt_recent/x")
     assert "/proc/net/xt_recent/x:2" in str(err.value) and what in str(err.value)
+
+
+def _kernel_ring_line(addr: str, ring_bits: int, stamps: list[int]) -> str:
+    """What recent_entry_init/recent_entry_update + recent_seq_show print after these packets."""
+    mask = (1 << ring_bits) - 1
+    ring = [0] * (mask + 1)
+    ring[0], nstamps, index = stamps[0], 1, 1
+    for s in stamps[1:]:
+        index &= mask
+        ring[index] = s
+        index += 1
+        nstamps = max(nstamps, index)
+    last = ring[(index - 1) & mask]
+    body = ", ".join(str(x) for x in ring[:nstamps])
+    return f"src={addr} ttl: 0 last_seen: {last} oldest_pkt: {index} {body}"
+
+
+@given(ring_bits=st.integers(0, 6),
+       steps=st.lists(st.integers(0, 1000), min_size=1, max_size=300),
+       start=st.integers(0, 2**64 - 1))
+def test_parser_recovers_packet_order_of_any_ring_state(ring_bits: int, steps: list[int],
+                                                        start: int) -> None:
+    stamps, t = [], start
+    for d in steps:
+        t = (t + d) % 2**64
+        stamps.append(t)
+    e = parse_line(_kernel_ring_line("10.0.0.1", ring_bits, stamps))
+    assert list(e.stamps) == stamps[-(1 << ring_bits):]
 
 
 def test_overlong_line_and_too_many_entries_are_refused() -> None:
@@ -250,3 +281,30 @@ def test_cli_recent_and_probe(table_ns: str) -> None:
     r = cli("probe", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["patched"] is False
+
+
+def test_add_many_one_read_one_open(table_ns: str) -> None:
+    with netns.entered(table_ns):
+        t = XtRecentTable("t", 100)
+        t.add("192.0.2.1", 100)
+        batch = [RecentSession("192.0.2.1", (5.0,)), RecentSession("192.0.2.2", (9.0, 3.0)),
+                 RecentSession("2001:db8::2", (1.0,))]
+        res = t.add_many(batch)
+        assert [(r.method, r.replaced) for r in res] == [("plus", True), ("plus", False),
+                                                          ("plus", False)]
+        assert sorted(e.addr for e in t.list()) == ["192.0.2.1", "192.0.2.2", "2001:db8::2"]
+        assert all(e.hits == 1 for e in t.list())
+        assert sorted(parse_proc(_raw(table_ns)), key=lambda e: e.addr) == \
+            sorted(t.list(), key=lambda e: e.addr)
+
+
+def test_add_many_checks_the_whole_batch_before_writing(table_ns: str) -> None:
+    cap = ip_list_tot()
+    with netns.entered(table_ns):
+        t = XtRecentTable("t", 100, patched=False)
+        batch = [RecentSession(f"10.3.{i // 250}.{i % 250 + 1}", (1.0,)) for i in range(cap + 2)]
+        with pytest.raises(TableFullError, match=f"{cap + 2} new addresses do not fit"):
+            t.add_many(batch)
+        assert t.list() == []  # nothing written
+        res = t.add_many(batch, allow_evict=True)
+        assert sum(r.evicted for r in res) == 2 and len(t.list()) == cap

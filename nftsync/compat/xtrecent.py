@@ -23,13 +23,14 @@ through /proc/thread-self so a thread that entered a network namespace sees that
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from nftsync.compat.clock import KernelClock
@@ -369,6 +370,41 @@ class XtRecentTable:
         return self.add(session.addr, ages_s=session.ages_s, ttl=session.ttl,
                         allow_evict=allow_evict)
 
+    def add_many(self, sessions: Iterable[RecentSession], *,
+                 allow_evict: bool = False) -> list[AddResult]:
+        """Insert or replace many sessions: one read of the table, one `now`, one open file
+        (lseek to 0 between commands, which the kernel requires; ~10x faster than reopening).
+        The full-table check covers the whole batch before anything is written."""
+        batch = [(canonical_addr(s.addr), s) for s in sessions]
+        present = {e.addr for e in self.list()}
+        new = {a for a, _ in batch} - present
+        overflow = len(present) + len(new) - self.capacity
+        if overflow > 0 and not allow_evict:
+            raise TableFullError(
+                f"{self.path}: {len(new)} new addresses do not fit ({len(present)} of "
+                f"ip_list_tot={self.capacity} used): the kernel would silently evict the "
+                f"{overflow} least recently seen clients (raise ip_list_tot, or allow eviction)")
+        patched = self.patched
+        now = self.clock.now() if patched else 0
+        results: list[AddResult] = []
+        seen = set(present)
+        with self._opened() as fd:
+            for addr, sess in batch:
+                existing = addr in seen
+                evicts = not existing and len(seen) >= self.capacity
+                seen.add(addr)
+                if patched:
+                    ages = sorted((max(0.0, a) for a in sess.ages_s), reverse=True)
+                    stamps = [self.clock.stamp_for_age(a, now) for a in ages]
+                    self._write_fd(fd, format_stamps_command(addr, sess.ttl, stamps))
+                    results.append(AddResult("stamps", True, existing, evicts, tuple(stamps)))
+                else:
+                    if existing:
+                        self._write_fd(fd, f"-{addr}".encode())
+                    self._write_fd(fd, f"+{addr}".encode())
+                    results.append(AddResult("plus", False, existing, evicts))
+        return results
+
     def delete(self, addr: str) -> bool:
         """Remove `addr`; False if it was not there (the kernel says nothing either way)."""
         addr = canonical_addr(addr)
@@ -406,9 +442,8 @@ class XtRecentTable:
         return (f"no xt_recent table {self.name!r} ({self.path}): a table exists only while an "
                 "iptables rule names it with -m recent --name, in this network namespace")
 
-    def _write(self, line: bytes) -> None:
-        """One write(2) of one command on a fresh open (the kernel refuses a second write at a
-        non-zero offset, and a '*' line must arrive whole)."""
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[int]:
         try:
             fd = os.open(self.path, os.O_WRONLY)
         except FileNotFoundError:
@@ -416,11 +451,23 @@ class XtRecentTable:
         except OSError as exc:
             raise XtRecentError(f"cannot open {self.path}: {exc.strerror}") from exc
         try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _write(self, line: bytes) -> None:
+        with self._opened() as fd:
+            self._write_fd(fd, line)
+
+    def _write_fd(self, fd: int, line: bytes) -> None:
+        """One command in one write(2) at offset 0: the kernel refuses a write at a non-zero
+        offset (so we seek back; pwrite is not allowed on seq files), and a '*' line must
+        arrive whole."""
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
             n = os.write(fd, line)
         except OSError as exc:
             raise XtRecentError(self._explain(line, exc)) from exc
-        finally:
-            os.close(fd)
         if line[:1] == b"*" and n != len(line):
             raise XtRecentError(f"{self.path}: short write ({n} of {len(line)} bytes)")
 

@@ -96,6 +96,22 @@ def main() -> int:
         assert e is not None and list(e.stamps) == stamps and e.index == 1, e
         return "32 stamps, oldest first"
 
+    @check("adapter_add_many_exact")
+    def _() -> str:
+        make_table("many")
+        m = XtRecentTable("many", 100, clock=clock, patched=True)
+        batch = [RecentSession(f"10.4.0.{i + 1}", (10.0, 5.0), ttl=i % 256) for i in range(50)]
+        res = m.add_many(batch)
+        assert all(r.exact for r in res)
+        got = {e.addr: e for e in m.list()}
+        now = clock.now()
+        for s in batch:
+            e = got[s.addr]
+            ages = [clock.age_s(x, now) for x in e.stamps]
+            assert e.ttl == s.ttl and len(ages) == 2, e
+            assert abs(ages[0] - 10) < 1 and abs(ages[1] - 5) < 1, ages
+        return f"{len(got)} entries"
+
     @check("adapter_table_full")
     def _() -> str:
         make_table("full")

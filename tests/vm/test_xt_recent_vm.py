@@ -33,7 +33,8 @@ SHELL_CHECKS = [
 ]
 ADAPTER_CHECKS = [
     "adapter_probe_present", "adapter_add_remaining_exact", "adapter_session_ages_ipv6",
-    "adapter_snapshot_restore_exact", "adapter_full_ring_order", "adapter_table_full",
+    "adapter_snapshot_restore_exact", "adapter_full_ring_order", "adapter_add_many_exact",
+    "adapter_table_full",
     "cli_probe_present",
 ]
 

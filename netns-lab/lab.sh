@@ -321,8 +321,10 @@ EOF
     local pid
     for ((k = 1; k <= LAB_BACKENDS; k++)); do
         rm -f "$STATE/be$k.ready"
-        nsx "be$k" "$PY" "$HERE/backend.py" --name "be$k" --ready "$STATE/be$k.ready" \
-            </dev/null >"$STATE/be$k.log" 2>&1 &
+        # A plain command, not the nsx function: bash then forks once and `ip netns exec` execs
+        # python, so $! is the server's own pid (a function would leave a bash subshell in between).
+        ip netns exec "$LAB-be$k" "$PY" "$HERE/backend.py" --name "be$k" \
+            --ready "$STATE/be$k.ready" </dev/null >"$STATE/be$k.log" 2>&1 &
         pid=$!
         record_pid "$pid" "be$k"
     done

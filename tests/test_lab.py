@@ -337,6 +337,9 @@ def test_down_removes_everything_and_is_idempotent():
     try:
         pids = small.recorded_pids()
         assert len(pids) == 3 and all(_pid_alive(p) for p in pids)
+        # The recorded pids are the servers themselves, not shells in between.
+        for pid in pids:
+            assert b"backend.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert len(lab_namespaces(small.prefix)) == 7
         # A stray process inside the lab is killed by down as well (found by `ip netns pids`).
         stray = small.stream(source=client4(1), seconds=30)

@@ -121,7 +121,7 @@ def show(farm: str | None, limit: int, as_json: bool) -> None:
     args: dict[str, Any] = {"limit": limit}
     if farm:
         args["farm"] = farm
-    emit(as_json, control.call(path, "show", args, timeout), render)
+    emit(as_json, control.call(path, "show", args, timeout), _show_text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,26 +232,62 @@ def _status_text(d: Any) -> str:
     return "\n".join(lines)
 
 
-_PEER_COLUMNS = ["name", "node_id", "address", "state", "since", "sent", "received", "applied",
-                 "lag_ms", "resnapshots", "auth_failures", "last_error"]
-_PEER_HEADERS = {"node_id": "ID", "lag_ms": "LAG", "resnapshots": "RESNAP",
-                 "auth_failures": "AUTHFAIL", "received": "RECV", "last_error": "LAST ERROR"}
+_PEER_COLUMNS = ["name", "node_name", "node_id", "address", "state", "since", "sent",
+                 "received", "applied", "lag_ms", "resnapshots", "auth_failures", "last_error"]
+_PEER_HEADERS = {"node_name": "NODE", "node_id": "ID", "lag_ms": "LAG p50/p99",
+                 "resnapshots": "RESNAP", "auth_failures": "AUTHFAIL", "received": "RECV",
+                 "last_error": "LAST ERROR"}
+
+
+def lag(value: Any) -> str:
+    """The core reports lag as {p50, p99, last} in ms (None until an update is acknowledged)."""
+    if isinstance(value, dict):
+        parts = [value.get("p50"), value.get("p99")]
+        return "/".join(cell(p) for p in parts) + "ms"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}ms"
+    return cell(value)
 
 
 def _peers_text(rows: Any) -> str:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         return render(rows)
     if not rows:
-        return "no peers configured (the daemon only accepts incoming connections)"
+        return "no peers (none configured and none connected)"
     shown = []
     for r in rows:
         row = dict(r)
-        row["since"] = since(r.get("since"))
-        lag = r.get("lag_ms")
-        row["lag_ms"] = f"{lag:g}ms" if isinstance(lag, (int, float)) else lag
+        row["since"] = since(r.get("since", r.get("since_s")))
+        row["lag_ms"] = lag(r.get("lag_ms"))
         shown.append(row)
-    columns = _PEER_COLUMNS + [k for k in rows[0] if k not in _PEER_COLUMNS]
-    return table(shown, columns, _PEER_HEADERS)
+    # The table keeps to what fits a terminal; --json has every counter.
+    return table(shown, _PEER_COLUMNS, _PEER_HEADERS)
+
+
+def _show_text(d: Any) -> str:
+    """`show`: {"farms": {farm: {map role: {"count", "entries": [...]}}}, "conntrack": N}."""
+    if not isinstance(d, dict) or not isinstance(d.get("farms"), dict):
+        return render(d)
+    out = []
+    for farm, maps in d["farms"].items():
+        if not isinstance(maps, dict):
+            out.append(render({farm: maps}))
+            continue
+        for role, m in maps.items():
+            if not isinstance(m, dict):
+                out.append(render({f"{farm} {role}": m}))
+                continue
+            entries = m.get("entries") or []
+            out.append(f"farm {farm}, {role} map: {m.get('count', len(entries))} entries"
+                       + (f" (first {len(entries)} shown)"
+                          if len(entries) < m.get("count", 0) else ""))
+            if entries:
+                out.append(table(entries))
+            out.append("")
+    if not d["farms"]:
+        out.append("no replicated farm")
+    out.append(f"conntrack entries: {cell(d.get('conntrack'))}")
+    return "\n".join(out)
 
 
 def _done(fallback: str):

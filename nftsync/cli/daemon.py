@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from nftsync import __version__
 from nftsync.cli.common import emit, handle_errors, json_option, require_root
 from nftsync.daemon.config import DEFAULT_CONFIG, DaemonConfig, load_config
 from nftsync.daemon.control import ControlServer
@@ -191,11 +192,8 @@ class _Runner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, daemon, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload, daemon)
-        log.info("nftsync daemon starting: node %s (id %d), cluster %s, role %s, listening on "
-                 "%s, peers: %s", self.config.node_name, self.config.node_id,
-                 self.config.cluster, self.config.role,
-                 str_endpoint(self.config.listen_host, self.config.listen_port),
-                 ", ".join(str(p) for p in self.config.peers) or "none")
+        log.info("nftsync %s starting (pid %d, configuration: %s)", __version__, os.getpid(),
+                 self.config.config_file or "command line only")
         try:
             await daemon.run()
         finally:
@@ -237,7 +235,7 @@ class _Runner:
             if new.log_level != self.config.log_level:
                 logging.getLogger().setLevel(new.log_level.upper())
             self.config = new
-            log.info("configuration reloaded: %s", _changes(changed))
+            log.debug("configuration reloaded: %s", _changes(changed))  # the core logs it too
 
 
 def _changes(changed: Any) -> str:

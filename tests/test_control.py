@@ -1,0 +1,466 @@
+"""The control socket and `nftsync ctl`, over a real unix socket in a temporary directory.
+
+`FakeDaemon` below is a test double for what sits *behind* the socket (the daemon core's control
+methods, with their documented result shapes), so that the transport can be tested on its own:
+framing, limits, errors, socket file handling and the ctl output and exit codes. The end-to-end
+test at the bottom runs the real `nftsync daemon` in network namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import netns
+import pytest
+
+from nftsync.daemon import control
+from nftsync.daemon.control import ControlError, ControlServer, DaemonNotRunning
+from nftsync.errors import NftsyncError
+
+NFTSYNC = [sys.executable, "-m", "nftsync"]
+
+
+class FakeDaemon:
+    """The core's control interface with canned data; records the calls it gets."""
+
+    def __init__(self) -> None:
+        self.role = "backup"
+        self.health = "ok"
+        self.calls: list[tuple[str, dict]] = []
+
+    def status(self) -> dict:
+        self.calls.append(("status", {}))
+        return {"node": "lb1", "node_id": 11, "cluster": "prod", "role": self.role,
+                "health": self.health,
+                "reasons": [] if self.health == "ok" else ["peer lb2 is down: refused"],
+                "uptime_s": 3725.5, "farms": ["web"], "peers_up": 1, "peers_total": 2}
+
+    def peers(self) -> list[dict]:
+        self.calls.append(("peers", {}))
+        return [{"name": "10.0.0.2:7777", "node_name": "lb2", "node_id": 12,
+                 "address": "10.0.0.2:7777", "state": "up", "since_s": 61.0, "last_error": "",
+                 "sent": 10, "received": 20, "applied": 19,
+                 "lag_ms": {"p50": 0.4, "p99": 2.5, "last": 0.3}, "resnapshots": 0,
+                 "auth_failures": 0},
+                {"name": "10.0.0.3:7777", "node_name": None, "node_id": None,
+                 "address": "10.0.0.3:7777", "state": "connecting", "since_s": 3.0,
+                 "last_error": "Connection refused", "sent": 0, "received": 0, "applied": 0,
+                 "lag_ms": None, "resnapshots": 0, "auth_failures": 2}]
+
+    def stats(self) -> dict:
+        self.calls.append(("stats", {}))
+        return {"counters": {"ct_events": 5, "auth_failures": 2}, "conntrack": 3,
+                "peers": {"lb2": {"sent": 10}}, "last_error": ""}
+
+    async def resync(self, peer: str | None = None) -> dict:
+        self.calls.append(("resync", {"peer": peer}))
+        await asyncio.sleep(0)
+        if peer == "nope":
+            raise NftsyncError("no peer 'nope' (peers: lb2)")
+        return {"resync": [peer or "lb2"]}
+
+    def promote(self) -> dict:
+        old, self.role = self.role, "active"
+        self.calls.append(("promote", {}))
+        return {"role": "active", "was": old, "claimed": 0}
+
+    def demote(self) -> dict:
+        old, self.role = self.role, "backup"
+        self.calls.append(("demote", {}))
+        return {"role": "backup", "was": old}
+
+    def show(self, farm: str | None = None, limit: int = 100) -> dict:
+        self.calls.append(("show", {"farm": farm, "limit": limit}))
+        if farm == "crash":
+            raise RuntimeError("a bug in the core")
+        entries = [{"client": f"10.10.1.{i}", "backend": "0x200", "expires_s": 90.0,
+                    "origin": 11, "updated_ms": 1} for i in range(min(limit, 3))]
+        return {"farms": {"web": {"sessions": {"count": 3, "entries": entries}}},
+                "conntrack": 7}
+
+
+class Served:
+    """A ControlServer running on its own event loop in a thread, for blocking clients."""
+
+    def __init__(self, path: str, daemon: Any) -> None:
+        self.path = path
+        self.daemon = daemon
+        self.loop = asyncio.new_event_loop()
+        self.server = ControlServer(daemon, path)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "run" / "nftsync.sock")
+
+
+@pytest.fixture
+def served(sock_path: str) -> Iterator[Served]:
+    with Served(sock_path, FakeDaemon()) as s:
+        yield s
+
+
+def raw(path: str, data: bytes, timeout: float = 5.0) -> list[dict]:
+    """Send raw bytes, read response lines until the server closes or goes quiet."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        buf = b""
+        # A server that hangs up with our bytes unread makes the kernel report ECONNRESET
+        # after the data it sent: that is the end of the stream too.
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                buf += chunk
+    return [json.loads(line) for line in buf.splitlines()]
+
+
+# --- protocol -------------------------------------------------------------------------------
+
+def test_every_command_round_trips(served: Served) -> None:
+    p = served.path
+    assert control.call(p, "status")["health"] == "ok"
+    assert [r["node_name"] for r in control.call(p, "peers")] == ["lb2", None]
+    assert control.call(p, "stats")["conntrack"] == 3
+    assert control.call(p, "resync") == {"resync": ["lb2"]}
+    assert control.call(p, "resync", {"peer": "lb9"}) == {"resync": ["lb9"]}
+    assert control.call(p, "promote") == {"role": "active", "was": "backup", "claimed": 0}
+    assert control.call(p, "demote") == {"role": "backup", "was": "active"}
+    shown = control.call(p, "show", {"farm": "web", "limit": 2})
+    assert len(shown["farms"]["web"]["sessions"]["entries"]) == 2
+    ping = control.call(p, "ping")
+    assert ping["pid"] == os.getpid()
+    assert [c[0] for c in served.daemon.calls] == [
+        "status", "peers", "stats", "resync", "resync", "promote", "demote", "show"]
+    assert served.daemon.calls[7] == ("show", {"farm": "web", "limit": 2})
+
+
+def test_async_client_and_pipelined_requests(served: Served) -> None:
+    async def go() -> Any:
+        return await control.request(served.path, "status", None, timeout=5)
+    assert asyncio.run(go())["node"] == "lb1"
+    # several requests on one connection: one response each, in order
+    lines = raw(served.path, b'{"cmd":"status"}\n{"cmd":"promote","args":{}}\n\n'
+                b'{"cmd":"demote"}\n')
+    assert [r["ok"] for r in lines] == [True, True, True]
+    assert lines[1]["result"]["role"] == "active" and lines[2]["result"]["role"] == "backup"
+
+
+def test_daemon_errors_are_error_responses(served: Served) -> None:
+    with pytest.raises(ControlError, match=r"^no peer 'nope' \(peers: lb2\)$"):
+        control.call(served.path, "resync", {"peer": "nope"})
+    # an exception inside the daemon (a bug) is reported and does not kill the server
+    with pytest.raises(ControlError, match="internal error in show: RuntimeError: a bug in"):
+        control.call(served.path, "show", {"farm": "crash"})
+    assert control.call(served.path, "status")["node"] == "lb1"
+
+
+@pytest.mark.parametrize("line,error", [
+    (b"garbage\n", "malformed request: expected one JSON object per line"),
+    (b"\xff\xfe\n", "malformed request: expected one JSON object per line"),
+    (b"[" * 60000 + b"\n", "malformed request: expected one JSON object per line"),
+    (b'["status"]\n', 'malformed request: expected {"cmd": NAME'),
+    (b'{"cmd": 5}\n', 'malformed request: expected {"cmd": NAME'),
+    (b'{"cmd": "status", "x": 1}\n', "malformed request: unknown field(s) x"),
+    (b'{"cmd": "reboot"}\n', "unknown command 'reboot' (one of: ping, status, peers, stats, "
+                             "resync, promote, demote, show)"),
+    (b'{"cmd": "status", "args": [1]}\n', "status: args must be a JSON object"),
+    (b'{"cmd": "status", "args": {"v": 1}}\n', "status: unknown argument 'v' (accepted: none)"),
+    (b'{"cmd": "show", "args": {"limit": "9"}}\n',
+     "show: argument 'limit' must be an integer in 1..100000"),
+    (b'{"cmd": "show", "args": {"limit": 0}}\n',
+     "show: argument 'limit' must be an integer in 1..100000"),
+    (b'{"cmd": "resync", "args": {"peer": ""}}\n',
+     "resync: argument 'peer' must be a string of 1..255 characters"),
+])
+def test_bad_requests_get_errors_and_server_survives(served: Served, line: bytes,
+                                                     error: str) -> None:
+    (resp,) = raw(served.path, line)
+    assert resp["ok"] is False
+    assert resp["error"].startswith(error), resp
+    assert control.call(served.path, "status")["node"] == "lb1"
+
+
+def test_huge_line_is_refused_and_next_client_served(served: Served) -> None:
+    resp = raw(served.path, b'{"cmd": "status", "pad": "' + b"x" * 200_000 + b'"}\n')
+    assert resp == [{"ok": False, "error": "request larger than 65536 bytes"}]
+    # a client that sends a huge line and never a newline, then vanishes
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(served.path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(b"y" * 100_000)
+    assert control.call(served.path, "status")["node"] == "lb1"
+    # the client refuses to send oversized requests itself
+    with pytest.raises(ControlError, match="request larger than 65536 bytes"):
+        control.call(served.path, "resync", {"peer": "p" * 70_000})
+
+
+def test_too_many_clients(served: Served) -> None:
+    held = []
+    try:
+        for _ in range(control.MAX_CLIENTS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(served.path)
+            s.sendall(b'{"cmd":"ping"}\n')
+            s.settimeout(5)
+            assert json.loads(s.recv(65536))["ok"]  # connected and being served
+            held.append(s)
+        (resp,) = raw(served.path, b'{"cmd":"status"}\n')
+        assert resp == {"ok": False, "error": "too many control connections (at most 32)"}
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:  # the server notices the closed connections; then it serves again
+        try:
+            assert control.call(served.path, "status")["node"] == "lb1"
+            break
+        except ControlError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# --- socket file ----------------------------------------------------------------------------
+
+def test_permissions(served: Served) -> None:
+    st = os.stat(served.path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(served.path)).st_mode) == 0o750
+
+
+def test_socket_removed_on_close(sock_path: str) -> None:
+    with Served(sock_path, FakeDaemon()):
+        assert os.path.exists(sock_path)
+    assert not os.path.exists(sock_path)
+    with pytest.raises(DaemonNotRunning, match=f"^no daemon is listening on {sock_path}: "):
+        control.call(sock_path, "status")
+
+
+def test_stale_socket_is_replaced(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path))
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(sock_path)  # a daemon that died without removing its socket
+    dead.close()
+    os.chmod(sock_path, 0o777)
+    with pytest.raises(DaemonNotRunning):
+        control.call(sock_path, "status")
+    with Served(sock_path, FakeDaemon()) as s:
+        assert control.call(s.path, "status")["node"] == "lb1"
+        # a new socket (inode numbers get reused, so tell it by its mode)
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+
+
+def test_live_socket_refuses_second_server(served: Served) -> None:
+    async def second() -> None:
+        await ControlServer(FakeDaemon(), served.path).start()
+    with pytest.raises(ControlError, match=rf"^another nftsync daemon \(pid {os.getpid()}\) is "
+                       rf"already listening on {served.path}: stop it first"):
+        asyncio.run(second())
+    assert control.call(served.path, "status")["node"] == "lb1"  # the first is untouched
+
+
+def test_non_socket_file_is_not_removed(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path))
+    Path(sock_path).write_text("precious")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        asyncio.run(ControlServer(FakeDaemon(), sock_path).start())
+    assert Path(sock_path).read_text() == "precious"
+
+
+# --- nftsync ctl ----------------------------------------------------------------------------
+
+def ctl(path: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*NFTSYNC, "ctl", "--socket", path, *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_ctl_without_daemon(tmp_path: Path) -> None:
+    path = str(tmp_path / "none.sock")
+    r = ctl(path, "status")
+    assert r.returncode == 3
+    assert r.stdout == ""
+    assert r.stderr == (f"nftsync: error: no daemon is listening on {path}: start it with "
+                        "`nftsync daemon --config /etc/nftsync/nftsync.toml` (or `systemctl "
+                        "start nftsync`), or give its --socket\n")
+    r = ctl(path, "peers")
+    assert r.returncode == 3 and r.stderr.count("\n") == 1
+
+
+def test_ctl_outputs_and_status_exit_codes(served: Served) -> None:
+    p = served.path
+    r = ctl(p, "status")
+    assert r.returncode == 0, r.stderr
+    assert "health    ok" in r.stdout and "uptime    1h02m05s" in r.stdout
+    served.daemon.health = "degraded"
+    r = ctl(p, "status", "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["health"] == "degraded"
+    served.daemon.health = "failing"
+    r = ctl(p, "status")
+    assert r.returncode == 2 and "- peer lb2 is down: refused" in r.stdout
+
+    r = ctl(p, "peers")
+    assert r.returncode == 0, r.stderr
+    header, up, connecting = r.stdout.splitlines()
+    assert header.split()[:6] == ["NAME", "NODE", "ID", "ADDRESS", "STATE", "SINCE"]
+    assert "lb2" in up and "1m01s ago" in up and "0.4/2.5ms" in up
+    assert "Connection refused" in connecting
+
+    r = ctl(p, "show", "--farm", "web", "--limit", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "farm web, sessions map: 3 entries (first 2 shown)"
+    assert "10.10.1.1" in r.stdout and "10.10.1.2" not in r.stdout
+    assert r.stdout.rstrip().endswith("conntrack entries: 7")
+
+    r = ctl(p, "resync", "--peer", "nope")
+    assert r.returncode == 1 and r.stderr == "nftsync: error: no peer 'nope' (peers: lb2)\n"
+    r = ctl(p, "promote", "--json")
+    assert json.loads(r.stdout)["role"] == "active"
+    r = ctl(p, "stats")
+    assert r.returncode == 0 and "ct_events" in r.stdout
+
+
+# --- end to end: the real daemon ------------------------------------------------------------
+
+HEX_KEY = "3f9a1c2b7d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8"
+
+
+def _have_core() -> bool:
+    try:
+        import nftsync.daemon.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_core(), reason="nftsync.daemon.core is not there yet")
+def test_real_daemon_pair(tmp_path: Path) -> None:
+    """Two daemons in two namespaces joined by a veth: ctl, SIGHUP (good and bad), SIGTERM."""
+    key = tmp_path / "key"
+    key.write_text(HEX_KEY + "\n")
+    key.chmod(0o600)
+    ns1, ns2 = netns.create("nsd"), netns.create("nsd")
+    procs: list[subprocess.Popen] = []
+    logs: list[Any] = []
+    try:
+        subprocess.run(["ip", "link", "add", "sync1", "netns", ns1, "type", "veth", "peer",
+                        "name", "sync2", "netns", ns2], check=True)
+        netns.run(ns1, "ip", "addr", "add", "10.99.0.1/24", "dev", "sync1")
+        netns.run(ns2, "ip", "addr", "add", "10.99.0.2/24", "dev", "sync2")
+        netns.run(ns1, "ip", "link", "set", "sync1", "up")
+        netns.run(ns2, "ip", "link", "set", "sync2", "up")
+        socks, confs = [], []
+        for i, (ns, me, other) in enumerate([(ns1, "10.99.0.1", "10.99.0.2"),
+                                             (ns2, "10.99.0.2", "10.99.0.1")], start=1):
+            conf = tmp_path / f"lb{i}.toml"
+            conf.write_text(f'node_name = "lb{i}"\nnode_id = {i}\ncluster = "t"\n'
+                            f'listen = "{me}:7777"\npeers = ["{other}"]\n'
+                            f'key_file = "{key}"\nsocket = "{tmp_path}/lb{i}/ctl.sock"\n'
+                            f'role = "{"active" if i == 1 else "backup"}"\n')
+            log = open(tmp_path / f"lb{i}.log", "w")  # noqa: SIM115 - closed in finally
+            logs.append(log)
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *NFTSYNC, "daemon",
+                                           "--config", str(conf)], stdout=log, stderr=log))
+            socks.append(f"{tmp_path}/lb{i}/ctl.sock")
+            confs.append(conf)
+
+        def wait_for(pred, what: str, timeout: float = 20.0) -> Any:
+            deadline = time.monotonic() + timeout
+            last: Exception | None = None
+            while True:
+                try:
+                    value = pred()
+                    if value:
+                        return value
+                except ControlError as exc:  # not listening yet
+                    last = exc
+                if time.monotonic() > deadline:
+                    logs_text = [Path(f.name).read_text() for f in logs]
+                    raise AssertionError(f"timed out waiting for {what} ({last}): {logs_text}")
+                time.sleep(0.1)
+
+        def both_up() -> bool:
+            # both dial at start-up, so the first connections may be replaced: wait for one
+            # that has lasted a second
+            return all(any(p["state"] == "up" and p["since_s"] >= 1.0
+                           for p in control.call(s, "peers")) for s in socks)
+        wait_for(both_up, "the two daemons to connect")
+        st = control.call(socks[0], "status")
+        assert (st["node"], st["node_id"], st["role"], st["peers_up"]) == ("lb1", 1, "active", 1)
+        assert stat.S_IMODE(os.stat(socks[0]).st_mode) == 0o600
+
+        r = ctl(socks[1], "peers")
+        assert r.returncode == 0 and "lb1" in r.stdout and " up " in r.stdout, r
+        r = ctl(socks[1], "stats", "--json")
+        assert r.returncode == 0 and isinstance(json.loads(r.stdout), dict), r
+        r = ctl(socks[1], "show")
+        assert r.returncode == 0 and "conntrack entries: 0" in r.stdout, r
+        r = ctl(socks[1], "resync", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["resync"], r
+        r = ctl(socks[1], "promote")
+        assert r.returncode == 0 and control.call(socks[1], "status")["role"] == "active"
+        r = ctl(socks[1], "demote")
+        assert control.call(socks[1], "status")["role"] == "backup"
+        # no farm is loaded in these namespaces: the daemon says so and status exits 2
+        r = ctl(socks[0], "status")
+        assert r.returncode == 2 and "no nftsync farm is loaded" in r.stdout, r
+
+        # SIGHUP with a broken file: logged, old config kept, daemon still answers
+        good = confs[0].read_text()
+        confs[0].write_text(good + "bogus = 1\n")
+        procs[0].send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed, keeping the running configuration" in
+                 Path(logs[0].name).read_text(), "the reload error in the log")
+        assert control.call(socks[0], "status")["node"] == "lb1"
+        # SIGHUP with a new role: applied
+        confs[0].write_text(good.replace('role = "active"', 'role = "backup"'))
+        procs[0].send_signal(signal.SIGHUP)
+        wait_for(lambda: control.call(socks[0], "status")["role"] == "backup", "the new role")
+
+        # a second daemon on the same socket is refused, the first keeps running
+        r = subprocess.run(["ip", "netns", "exec", ns1, *NFTSYNC, "daemon", "--config",
+                            str(confs[0]), "--listen", "10.99.0.1:7778"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "is already listening on" in r.stderr, r
+        assert control.call(socks[0], "status")["node"] == "lb1"
+
+        for proc, sock in zip(procs, socks, strict=True):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            assert not os.path.exists(sock)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        for log in logs:
+            log.close()
+        netns.delete(ns1)
+        netns.delete(ns2)

@@ -358,15 +358,16 @@ class Daemon:
                     continue
                 table = self.sessions[r.map_id]
                 key = bytes(r.key)
-                exists = table.get(key) is not None
+                cur = table.get(key)
+                old_mark = cur.value if cur is not None else None
                 value = r.mark if r.op == OP_ADD else None
                 won = table.merge(key, value, r.remaining_ms, r.updated_ms, r.origin)
-                if won is None or (value is None and not exists):
+                if won is None or (value is None and old_mark is None):
                     continue
                 if won.origin == UNVERIFIED:
                     won.origin = me
                 by_map.setdefault(r.map_id, []).append(
-                    ElementOp(key, value, r.remaining_ms, exists))
+                    ElementOp(key, value, r.remaining_ms, old_mark))
             else:
                 if not self.config.conntrack:
                     continue
@@ -412,9 +413,8 @@ class Daemon:
             keys = table.stale(origin, since)
             if not keys or rmap is None:
                 continue
-            for k in keys:
-                table.entries.pop(k, None)
-            self.nft_sink.apply(rmap, [ElementOp(k, None, 0, True) for k in keys])
+            ops = [ElementOp(k, None, 0, table.entries.pop(k).value) for k in keys]
+            self.nft_sink.apply(rmap, ops)
             n += len(keys)
         keys = self.conntrack.stale(origin, since)
         if keys and self.ct_sink is not None:
@@ -436,6 +436,10 @@ class Daemon:
         cfg = self.config
         delay = cfg.reconnect_min
         while not self._stop.is_set():
+            if link.channel is not None:  # the peer dialled us: that connection serves
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=cfg.reconnect_min)
+                continue
             link.state = "connecting"
             try:
                 ch = await Channel.connect(link.host, link.port, self.identity, cfg.key,

@@ -70,10 +70,18 @@ class Table:
                   updated_ms: int | None = None) -> Entry:
         """A change made on this node (learned from the kernel): always wins locally."""
         now = time.monotonic()
-        e = Entry(value, expires_at, updated_ms if updated_ms is not None else now_ms(), origin,
-                  now)
+        e = Entry(value, expires_at, self._next_ms(key, updated_ms), origin, now)
         self.entries[key] = e
         return e
+
+    def _next_ms(self, key: object, wanted: int | None = None) -> int:
+        """A local change is newer than anything we hold for the key, even within one ms
+        (a delete + add in one transaction must not tie, or the add would lose)."""
+        ms = wanted if wanted is not None else now_ms()
+        cur = self.entries.get(key)
+        if cur is not None and wanted is None and ms <= cur.updated_ms:
+            ms = cur.updated_ms + 1
+        return ms
 
     def local_delete(self, key: object, origin: int) -> Entry | None:
         """A deletion made on this node; returns the tombstone, or None if we had nothing."""
@@ -81,7 +89,7 @@ class Table:
         if cur is None or not cur.alive:
             return None
         now = time.monotonic()
-        e = Entry(None, now + TOMBSTONE_S, now_ms(), origin, now)
+        e = Entry(None, now + TOMBSTONE_S, self._next_ms(key), origin, now)
         self.entries[key] = e
         return e
 

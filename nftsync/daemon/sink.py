@@ -41,7 +41,11 @@ class ElementOp:
     key: bytes
     mark: int | None  # None: delete
     remaining_ms: int  # 0: no timeout
-    exists: bool  # the mirror believes the kernel has this key
+    old_mark: int | None  # what the mirror believes the kernel has for this key (None: absent)
+
+    @property
+    def exists(self) -> bool:
+        return self.old_mark is not None
 
 
 class NftSink:
@@ -73,7 +77,9 @@ class NftSink:
             self._apply_one(rmap, op)
 
     def _apply_one(self, rmap: ReplicatedMap, op: ElementOp) -> None:
-        variants = [op, ElementOp(op.key, op.mark, op.remaining_ms, not op.exists)]
+        # The mirror may be wrong about the kernel (packet path, expiry): try the other belief.
+        other = None if op.exists else (op.mark if op.mark is not None else 0)
+        variants = [op, ElementOp(op.key, op.mark, op.remaining_ms, other)]
         last: Exception | None = None
         for variant in variants:
             try:
@@ -105,8 +111,10 @@ class NftSink:
                 if op.exists:
                     dels.append(text)
                 continue
-            # Replace by delete + add unless the kernel refreshes a timed element in place.
-            if op.exists and (not self.refresh_in_place or op.remaining_ms == 0):
+            # Replace by delete + add, unless the kernel refreshes a timed element in place,
+            # which it does only for the same value (another value is EEXIST).
+            if op.exists and (not self.refresh_in_place or op.remaining_ms == 0 or
+                              op.old_mark != op.mark):
                 dels.append(text)
             adds.append(_element(text, op, timeout_s))
         lines = []

@@ -285,3 +285,27 @@ def test_cli_check_prints_effective_config(tmp_path: Path, key: Path) -> None:
     assert HEX_KEY not in r.stdout and bytes.fromhex(HEX_KEY).hex() not in r.stdout
     r = _cli("--config", str(path), "--check")
     assert r.returncode == 0 and r.stdout.startswith("configuration is valid")
+
+
+EXAMPLE = Path(__file__).parent.parent / "contrib" / "nftsync.toml.example"
+
+
+def test_example_documents_every_key_and_is_valid(tmp_path: Path, key: Path) -> None:
+    """contrib/nftsync.toml.example: each key appears; with every `#key = value` uncommented
+    (and the key file pointed at a test key) it loads, so the documented values are valid."""
+    text = EXAMPLE.read_text()
+    for k in (*cfgmod.TOP_KEYS, *cfgmod.TIMING_KEYS, *cfgmod.LIMIT_KEYS):
+        assert f"\n#{k} = " in text or f"\n{k} = " in text, k
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#") and " = " in line and line[1:2].isalpha():
+            line = line[1:]
+        if line.startswith("key_file = "):
+            line = f'key_file = "{key}"'
+        lines.append(line)
+    c = load_config(str(write(tmp_path, "\n".join(lines))), {})
+    assert c.peers == [PeerConfig("10.0.0.2", 7777), PeerConfig("fd00:10::3", 7777)]
+    assert c.farms == ["web", "mail"] and c.node_name == "lb1" and c.node_id == 1
+    # and the example as shipped (only key_file set) loads too
+    shipped = text.replace('key_file = "/etc/nftsync/key"', f'key_file = "{key}"')
+    assert load_config(str(write(tmp_path, shipped, "shipped.toml")), {}).role == "backup"

@@ -77,7 +77,7 @@ def peers(as_json: bool) -> None:
 def stats(as_json: bool) -> None:
     """Replication counters: entries, lag, overruns, resnapshots, auth failures, last errors."""
     path, timeout = _obj()
-    emit(as_json, control.call(path, "stats", None, timeout), render)
+    emit(as_json, control.call(path, "stats", None, timeout), _stats_text)
 
 
 @command.command("resync")
@@ -153,7 +153,7 @@ def since(value: Any) -> str:
 
 
 def cell(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -226,9 +226,7 @@ def _status_text(d: Any) -> str:
     ]
     known = {"node", "node_id", "cluster", "role", "health", "reasons", "uptime_s", "farms",
              "peers_up", "peers_total"}
-    extra = {k: v for k, v in d.items() if k not in known}
-    if extra:
-        lines.append(render(extra))
+    lines += [f"{k:9} {cell(v)}" for k, v in d.items() if k not in known]
     return "\n".join(lines)
 
 
@@ -262,6 +260,31 @@ def _peers_text(rows: Any) -> str:
         shown.append(row)
     # The table keeps to what fits a terminal; --json has every counter.
     return table(shown, _PEER_COLUMNS, _PEER_HEADERS)
+
+
+_STATS_PEER_COLUMNS = ["name", "state", "sent", "received", "applied", "queued", "snapshots_sent",
+                       "snapshots_received", "resnapshots", "overflows", "gaps", "rejected",
+                       "auth_failures", "last_error"]
+_STATS_PEER_HEADERS = {"snapshots_sent": "SNAP OUT", "snapshots_received": "SNAP IN",
+                       "resnapshots": "RESNAP", "overflows": "OVERFLOW", "auth_failures":
+                       "AUTHFAIL", "received": "RECV", "last_error": "LAST ERROR"}
+
+
+def _stats_text(d: Any) -> str:
+    """Counters as key/value sections; the per-peer counters as one table (--json has all)."""
+    if not isinstance(d, dict):
+        return render(d)
+    rest = {k: v for k, v in d.items() if k != "peers"}
+    out = render(rest)
+    peers = d.get("peers")
+    if isinstance(peers, dict) and all(isinstance(v, dict) for v in peers.values()):
+        rows = [{"name": name, **v} for name, v in peers.items()]
+        out += "\npeers:\n" + "\n".join(
+            "  " + line for line in table(rows, _STATS_PEER_COLUMNS,
+                                          _STATS_PEER_HEADERS).splitlines())
+    elif peers is not None:
+        out += "\n" + render({"peers": peers})
+    return out
 
 
 def _show_text(d: Any) -> str:

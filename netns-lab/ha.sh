@@ -264,7 +264,23 @@ cmd_stop() { # node
         done
         wait_gone "$pid" "$start" 2 || die "$node: keepalived pid $pid survives SIGKILL"
     fi
+    wait_notify_done "$node"
     echo "$node: keepalived stopped"
+}
+
+# keepalived does not wait for its notify scripts: wait (bounded) until the STOP notification of a
+# stopped node has finished too, so "stopped" means the sync daemon has been told.
+wait_notify_done() { # node
+    local i p busy
+    for ((i = 0; i < 500; i++)); do
+        busy=0
+        for p in $(ip netns pids "$LAB-$1" 2>/dev/null); do
+            if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q nftsync-notify; then busy=1; fi
+        done
+        ((busy == 0)) && return 0
+        sleep 0.02
+    done
+    echo "ha.sh: $1: notify script still running after 10 s" >&2
 }
 
 cmd_kill() { # node

@@ -50,6 +50,8 @@ class Ha:
     lab: Lab
     advert_int: float = DEFAULT_ADVERT_INT
     env: dict[str, str] = field(default_factory=dict)
+    # notify-log lines of earlier runs in the same lab, skipped by notify_calls()
+    _notify_seen: dict[str, int] = field(default_factory=dict)
 
     # --- ha.sh ---------------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -73,6 +75,8 @@ class Ha:
                                 stdin=subprocess.DEVNULL)
 
     def up(self) -> None:
+        """Start both nodes; notify_calls() from now on shows only this run's calls."""
+        self._notify_seen = {n: len(self.notify_calls(n, everything=True)) for n in NODES}
         self.sh("up")
 
     def down(self) -> None:
@@ -172,8 +176,9 @@ class Ha:
         found = re.findall(r"Entering ([A-Z]+) STATE", text)
         return found[-1] if found else "unknown"
 
-    def notify_calls(self, node: str) -> list[NotifyCall]:
-        """Every call of the notify script on `node`, in order, from its log in the state dir."""
+    def notify_calls(self, node: str, everything: bool = False) -> list[NotifyCall]:
+        """The calls of the notify script on `node` since `up()` (or `everything` ever logged), in
+        order, from its log in the state dir."""
         try:
             text = (self.state_dir / f"{node}.notify.log").read_text(errors="replace")
         except FileNotFoundError:
@@ -184,7 +189,7 @@ class Ha:
             if m:
                 calls.append(NotifyCall(m["state"], int(m["prio"]), m["action"],
                                         m["outcome"] or ""))
-        return calls
+        return calls if everything else calls[self._notify_seen.get(node, 0):]
 
     def wait_notified(self, node: str, state: str, count: int = 1, timeout: float = 5.0) -> None:
         """Wait (bounded) until `node`'s notify script has run `count` times for `state`: it runs

@@ -347,6 +347,49 @@ def test_ctl_outputs_and_status_exit_codes(served: Served) -> None:
     assert r.returncode == 0 and "ct_events" in r.stdout
 
 
+# --- logging --------------------------------------------------------------------------------
+
+LOG_SNIPPET = """
+import logging
+from nftsync.cli.daemon import setup_logging
+setup_logging("info")
+log = logging.getLogger("nftsync.test")
+log.debug("hidden")
+log.info("peer lb2: up")
+log.error("two\\nlines")
+"""
+
+
+def _log_lines(journal: bool) -> list[str]:
+    r, w = os.pipe()
+    try:
+        st = os.fstat(w)
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if journal:  # what systemd sets: the device and inode of the stream it connected
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.Popen([sys.executable, "-c", LOG_SNIPPET], stderr=w, env=env)
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as f:
+            r = -1
+            out = f.read().decode()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    return out.splitlines()
+
+
+def test_journal_log_format() -> None:
+    assert _log_lines(journal=True) == ["<6>INFO: nftsync.test: peer lb2: up",
+                                        "<3>ERROR: nftsync.test: two", "<3>lines"]
+    plain = _log_lines(journal=False)
+    assert len(plain) == 3 and plain[0].endswith(" INFO nftsync.test: peer lb2: up")
+    assert plain[0][:4].isdigit()  # a timestamp first when not under journald
+
+
 # --- end to end: the real daemon ------------------------------------------------------------
 
 HEX_KEY = "3f9a1c2b7d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8"
@@ -450,6 +493,16 @@ def test_real_daemon_pair(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and "is already listening on" in r.stderr, r
         assert control.call(socks[0], "status")["node"] == "lb1"
+
+        # a fatal start-up error of the core (the listen address is taken): one error line,
+        # non-zero exit, and its control socket is removed again
+        r = subprocess.run(["ip", "netns", "exec", ns1, *NFTSYNC, "daemon", "--config",
+                            str(confs[0]), "--socket", f"{tmp_path}/third.sock"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, r
+        assert r.stderr.splitlines()[-1].startswith("nftsync: error: cannot listen on "
+                                                    "10.99.0.1:7777"), r.stderr
+        assert not os.path.exists(f"{tmp_path}/third.sock")
 
         for proc, sock in zip(procs, socks, strict=True):
             proc.send_signal(signal.SIGTERM)

@@ -248,6 +248,26 @@ def test_too_many_clients(served: Served) -> None:
             time.sleep(0.05)
 
 
+def test_idle_and_non_reading_clients_are_dropped(served: Served, monkeypatch) -> None:
+    monkeypatch.setattr(control, "CLIENT_IDLE", 0.3)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.settimeout(10)
+        idle.connect(served.path)
+        assert idle.recv(1) == b""  # closed by the server, without a request
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as greedy:
+        greedy.settimeout(10)
+        greedy.connect(served.path)
+        # requests whose answers it never reads: the server's send buffer fills, it gives up
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(200):
+                greedy.sendall(b'{"cmd":"status"}\n' * 100)
+        deadline = time.monotonic() + 10
+        while served.server._clients and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not served.server._clients
+    assert control.call(served.path, "status")["node"] == "lb1"
+
+
 # --- socket file ----------------------------------------------------------------------------
 
 def test_permissions(served: Served) -> None:

@@ -89,7 +89,11 @@ def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
         return
     require_root()
     setup_logging(config.log_level)
-    asyncio.run(_Runner(config, config_path, overrides).run())
+    try:
+        asyncio.run(_Runner(config, config_path, overrides).run())
+    except KeyboardInterrupt:  # ^C before the signal handlers were installed
+        log.info("interrupted during start-up")
+        sys.exit(130)
 
 
 def describe(config: DaemonConfig) -> dict[str, Any]:
@@ -186,12 +190,18 @@ class _Runner:
         from nftsync.daemon.core import Daemon
 
         daemon = Daemon(self.config)
-        control = ControlServer(daemon, self.config.socket)
-        await control.start()  # first: refuses to start when another daemon owns the socket
         loop = asyncio.get_running_loop()
+        # Handlers first: a stop requested during start-up makes run() return right after it.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, daemon, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload, daemon)
+        control = ControlServer(daemon, self.config.socket)
+        try:
+            await control.start()  # refuses to start when another daemon owns the socket
+        except BaseException:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            raise
         log.info("nftsync %s starting (pid %d, configuration: %s)", __version__, os.getpid(),
                  self.config.config_file or "command line only")
         try:

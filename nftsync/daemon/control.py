@@ -212,8 +212,10 @@ class ControlServer:
         finally:
             self._clients.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            try:  # close() waits for unsent data; a client that never reads gets cut off
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (TimeoutError, ConnectionError):
+                writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -234,7 +236,13 @@ class ControlServer:
                 continue
             response = await self.handle(line)
             writer.write(encode(response))
-            await writer.drain()
+            try:
+                # A client that stops reading must not hold its slot (and our buffer) forever.
+                await asyncio.wait_for(writer.drain(), CLIENT_IDLE)
+            except TimeoutError:
+                log.warning("control client stopped reading its answer; disconnected")
+                writer.transport.abort()  # close() would wait for the unsent answer forever
+                return
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         """One request line -> one response object. Never raises for anything a client sends."""

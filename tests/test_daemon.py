@@ -22,10 +22,12 @@ FARM_TABLE, FARM_MAP = "nftsync_http", "http_sessions"
 
 @pytest.fixture
 def farm_file(tmp_path):
-    """farm-http.nft, also balancing the lab's stream port 7000 (for connection survival)."""
+    """farm-http.nft, also balancing the lab's stream port 7000 (for connection survival), with
+    room for the 100k-session test (a map without `size` holds 65535)."""
     path = tmp_path / "farm.nft"
     path.write_text((RULESETS / "farm-http.nft").read_text()
-                    .replace("tcp dport 80 jump", "tcp dport { 80, 7000 } jump"))
+                    .replace("tcp dport 80 jump", "tcp dport { 80, 7000 } jump")
+                    .replace("timeout 60s", "timeout 60s\n\t\tsize 262144"))
     return path
 
 
@@ -248,3 +250,30 @@ def test_health_turns_bad_when_the_peer_dies(lab, pair):
     assert status["reasons"]
     peers = d1.ctl("peers")
     assert peers[0]["state"] != "up" and peers[0]["last_error"]
+
+
+@pytest.mark.slow
+def test_100k_entries_replicate(lab, pair, tmp_path):
+    """100,000 DNATed connections appear on lb1 at once (`conntrack -R`): lb2 gets every
+    conntrack entry and every client's session (distinct sources, so 100k sessions)."""
+    n = 100_000
+    lines = []
+    for i in range(n):
+        src = f"10.11.{i >> 8 & 255}.{i & 255}" if i < 65536 else \
+            f"10.12.{(i - 65536) >> 8 & 255}.{i & 255}"
+        mark, backend = ("0x200", "10.20.0.11") if i % 2 else ("0x201", "10.20.0.12")
+        lines.append(f"-A -t 600 -u SEEN_REPLY,ASSURED -s {src} -d 10.10.0.100 -r {backend} "
+                     f"-q {src} -p tcp --sport 40000 --dport 80 --reply-port-src 80 "
+                     f"--reply-port-dst 40000 --state ESTABLISHED -m {mark}")
+    load = tmp_path / "load.txt"
+    load.write_text("\n".join(lines) + "\n")
+    lab.exec("lb1", "conntrack", "-R", str(load), timeout=120)
+
+    def counts():
+        st = pair["lb2"].ctl("stats")
+        return st["conntrack"], st["sessions"].get("http/sessions", 0)
+
+    wait_for(lambda: counts() == (n, n), 180, "100k entries and sessions on lb2", interval=1)
+    kernel_ct = int(lab.exec("lb2", "conntrack", "-C").stdout.strip())
+    assert kernel_ct >= n
+    assert len(sessions(lab, "lb2")) == n

@@ -277,8 +277,14 @@ def test_permissions(served: Served) -> None:
 
 
 def test_socket_removed_on_close(sock_path: str) -> None:
-    with Served(sock_path, FakeDaemon()):
-        assert os.path.exists(sock_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        with Served(sock_path, FakeDaemon()):
+            assert os.path.exists(sock_path)
+            idle.connect(sock_path)  # a connected client does not keep the server open
+            idle.sendall(b'{"cmd":"ping"}\n')
+            idle.settimeout(5)
+            assert json.loads(idle.recv(65536))["ok"]
+        assert idle.recv(1) == b""
     assert not os.path.exists(sock_path)
     with pytest.raises(DaemonNotRunning, match=f"^no daemon is listening on {sock_path}: "):
         control.call(sock_path, "status")

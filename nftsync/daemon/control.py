@@ -212,15 +212,19 @@ class ControlServer:
         finally:
             self._clients.discard(task)
             writer.close()
+            # asyncio.timeout rather than wait_for: no inner task, so a cancellation from
+            # close() cannot get stuck behind one (seen with wait_for on Python 3.11).
             try:  # close() waits for unsent data; a client that never reads gets cut off
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
             except (TimeoutError, ConnectionError):
                 writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), CLIENT_IDLE)
+                async with asyncio.timeout(CLIENT_IDLE):
+                    line = await reader.readline()
             except TimeoutError:
                 return
             except ValueError:
@@ -238,7 +242,8 @@ class ControlServer:
             writer.write(encode(response))
             try:
                 # A client that stops reading must not hold its slot (and our buffer) forever.
-                await asyncio.wait_for(writer.drain(), CLIENT_IDLE)
+                async with asyncio.timeout(CLIENT_IDLE):
+                    await writer.drain()
             except TimeoutError:
                 log.warning("control client stopped reading its answer; disconnected")
                 writer.transport.abort()  # close() would wait for the unsent answer forever
@@ -366,16 +371,17 @@ async def request(path: str, cmd: str, args: dict[str, Any] | None = None,
     """Send one command to the daemon on `path` and return its result (asyncio)."""
     line = encode_request(cmd, args)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=MAX_RESPONSE), timeout)
-    except TimeoutError:
-        raise ControlError(f"the daemon on {path} did not accept within {timeout:g} s") from None
-    except OSError as exc:
-        raise _connect_error(path, exc) from None
-    try:
-        writer.write(line)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.readline(), timeout)
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_RESPONSE)
+            except OSError as exc:
+                raise _connect_error(path, exc) from None
+            try:
+                writer.write(line)
+                await writer.drain()
+                answer = await reader.readline()
+            finally:
+                writer.close()  # nothing left to send: the transport closes at once
     except TimeoutError:
         raise ControlError(f"the daemon on {path} did not answer {cmd!r} within "
                            f"{timeout:g} s") from None
@@ -383,10 +389,6 @@ async def request(path: str, cmd: str, args: dict[str, Any] | None = None,
         raise ControlError(f"the daemon's answer is larger than {MAX_RESPONSE} bytes") from None
     except ConnectionError as exc:
         raise ControlError(f"lost the connection to the daemon on {path}: {exc}") from None
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
     return decode_response(answer, path)
 
 

@@ -2,12 +2,14 @@
 # Boot Debian's 6.1 kernel under qemu (TCG, no network device) with the patched xt_recent and
 # run tests/vm/guest-test.sh inside; prints the guest's console (RESULT/SUMMARY lines).
 #
-#   compat/vm/run.sh [-k KVER] [-t TIMEOUT_S] [-S]
+#   compat/vm/run.sh [-k KVER] [-t TIMEOUT_S] [-S] [-L]
 #
-# Two stages in one boot: tests/vm/guest-test.sh (busybox sh: the kernel command itself), then,
-# unless -S, tests/vm/guest_adapter.py (nftsync's adapter against the patched kernel), run in a
-# chroot of this host's root shared read-only over 9p (-virtfs), so the guest has Python and the
-# repository without building a root file system.
+# Stages in one boot: 1. tests/vm/guest-test.sh (busybox sh: the kernel command itself, ~20 s with
+# the build); 2. unless -S, tests/vm/guest_adapter.py (nftsync's adapter against the patched
+# kernel, +15 s), run in a chroot of this host's root shared read-only over 9p (-virtfs), so the
+# guest has Python and the repository without building a root file system; 3. with -L (or
+# NFTSYNC_VM_LAB=1), the legacy farm lab of tests/test_compat_iptables.py with iptables-legacy
+# on the 6.1 kernel (+20-30 s under TCG).
 #
 # Needs the packages compat/vm/setup.sh installs. Builds under $NFTSYNC_VM_DIR (default: .vm/ in
 # the repository, gitignored): the module (compat/kernel/build.sh), then an initramfs of
@@ -21,12 +23,14 @@ repo=$(cd "$here/../.." && pwd)
 kver=""
 timeout_s=120
 stage2=1
-while getopts k:t:S opt; do
+lab=${NFTSYNC_VM_LAB:-0}
+while getopts k:t:SL opt; do
     case $opt in
         k) kver=$OPTARG ;;
         t) timeout_s=$OPTARG ;;
         S) stage2=0 ;;
-        *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+        L) lab=1 ;;
+        *) sed -n '2,19p' "$0" >&2; exit 2 ;;
     esac
 done
 [ -n "$kver" ] || kver=$(ls /lib/modules 2>/dev/null | grep '^6\.1\.' | sort -V | tail -n1 || true)
@@ -91,6 +95,7 @@ append="console=ttyS0 panic=-1 quiet nftsync.hz=${hz:-250}"
 if [ "$stage2" = 1 ]; then
     share="-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     append="$append nftsync.repo=$repo"
+    [ "$lab" = 1 ] && append="$append nftsync.lab=1"
 fi
 # shellcheck disable=SC2086 # $share is several words on purpose
 timeout --kill-after=5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 768 -smp 1 -nographic \
@@ -104,3 +109,4 @@ tr -d '\r' < "$log"
 grep -q '^SUMMARY pass=[0-9]* fail=0' "$log" || exit 1
 ! grep -q '^RESULT [^ ]* FAIL' "$log" || exit 1
 [ "$stage2" = 0 ] || grep -q '^RESULT adapter_[^ ]* PASS' "$log" || exit 1
+[ "$stage2" = 0 ] || [ "$lab" != 1 ] || grep -q '^RESULT legacy_farm_lab PASS' "$log" || exit 1

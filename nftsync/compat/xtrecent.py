@@ -245,11 +245,19 @@ def probe_patched(iptables: str = "iptables", timeout: float = 10.0) -> tuple[bo
 _probe_cache: dict[str, bool | None] = {}
 
 
-def kernel_has_stamps_command(iptables: str = "iptables") -> bool:
-    """Cached probe_patched(); an inconclusive probe counts as absent (the safe fallback)."""
-    if iptables not in _probe_cache:
-        _probe_cache[iptables] = probe_patched(iptables)[0]
-    return bool(_probe_cache[iptables])
+def kernel_has_stamps_command(iptables: Sequence[str] = ("iptables", "iptables-legacy")) -> bool:
+    """Cached probe_patched() with the first iptables that gives an answer (iptables-nft needs
+    nf_tables, iptables-legacy the legacy tables: a host may have only one). An inconclusive
+    probe counts as absent: the +addr fallback is always safe."""
+    key = ",".join(iptables)
+    if key not in _probe_cache:
+        answer = None
+        for binary in iptables:
+            answer = probe_patched(binary)[0]
+            if answer is not None:
+                break
+        _probe_cache[key] = answer
+    return bool(_probe_cache[key])
 
 
 class XtRecentTable:
@@ -345,6 +353,8 @@ class XtRecentTable:
         given = [x is not None for x in (remaining_s, ages_s, stamps)]
         if sum(given) != 1:
             raise XtRecentError("add needs exactly one of remaining_s, ages_s, stamps")
+        if remaining_s is not None and self.seconds is None:
+            raise XtRecentError("remaining time needs the table's --seconds")
         addr = canonical_addr(addr)
         if not 0 <= ttl <= 255:
             raise XtRecentError(f"ttl {ttl} is not 0..255")

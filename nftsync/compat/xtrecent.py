@@ -25,93 +25,42 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from nftsync.compat.clock import KernelClock
-from nftsync.errors import NftsyncError
+from nftsync.compat.probe import kernel_has_stamps_command, probe_patched
+from nftsync.compat.procfmt import (
+    MAX_ENTRIES,
+    MAX_LINE,
+    MAX_STAMPS,
+    ProcFormatError,
+    RecentEntry,
+    RecentSession,
+    XtRecentError,
+    canonical_addr,
+    parse_line,
+    parse_proc,
+)
+
+__all__ = [
+    "MAX_LINE", "AddResult", "ProcFormatError", "RecentEntry", "RecentSession", "TableFullError",
+    "XtRecentError", "XtRecentTable", "canonical_addr", "format_stamps_command", "ip_list_tot",
+    "kernel_has_stamps_command", "parse_line", "parse_proc", "probe_patched", "read_param",
+    "tables",
+]
 
 PROC_DIR = "/proc/thread-self/net/xt_recent"
 PARAMS_DIR = "/sys/module/xt_recent/parameters"
 DEFAULT_IP_LIST_TOT = 100
 
-# Bounds for parsing untrusted /proc text. The kernel keeps at most 65535 stamps per entry
-# (u16 nstamps); a line is "src=<39> ttl: <3> last_seen: <20> oldest_pkt: <5>" + stamps of
-# ", <20>" each. Tables beyond a million entries are not something this tool reads.
-MAX_STAMPS = 65535
-MAX_LINE = 4 + 39 + 6 + 3 + 12 + 20 + 13 + 5 + 1 + MAX_STAMPS * 22 + 1
-MAX_ENTRIES = 1_000_000
-NAME_LEN = 200  # XT_RECENT_NAME_LEN, NUL included
-
-_LINE = re.compile(
-    r"src=(?P<addr>[0-9A-Fa-f:.]{2,45}) ttl: (?P<ttl>\d{1,3}) last_seen: (?P<last>\d{1,20}) "
-    r"oldest_pkt: (?P<index>\d{1,5}) (?P<stamps>\d{1,20}(?:, \d{1,20})*)"
-)
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,199}")
-
-
-class XtRecentError(NftsyncError):
-    """An xt_recent table is missing, malformed, full, or refused a write."""
-
-    exit_code = 2
-
-
-class ProcFormatError(XtRecentError):
-    """A /proc/net/xt_recent line does not have the kernel's format."""
 
 
 class TableFullError(XtRecentError):
     """Adding a new address would make the kernel evict the oldest entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class RecentEntry:
-    """One /proc/net/xt_recent line. `stamps` are jiffies, oldest first (the kernel prints its
-    ring buffer in slot order; `index` = "oldest_pkt", really the ring's next write slot)."""
-
-    addr: str
-    ttl: int
-    last_seen: int
-    index: int
-    stamps: tuple[int, ...]
-
-    @property
-    def family(self) -> int:
-        return 6 if ":" in self.addr else 4
-
-    @property
-    def hits(self) -> int:
-        return len(self.stamps)
-
-    def remaining_s(self, seconds: float, clock: KernelClock, now: int) -> float:
-        """Seconds until a `--rcheck --seconds SECONDS` stops matching (<= 0: expired)."""
-        return seconds - clock.age_s(self.last_seen, now)
-
-    def session(self, clock: KernelClock, now: int, seconds: float | None = None) -> RecentSession:
-        ages = tuple(clock.age_s(s, now) for s in self.stamps)
-        remaining = None if seconds is None else seconds - ages[-1]
-        return RecentSession(self.addr, ages, self.ttl, remaining)
-
-
-@dataclass(frozen=True, slots=True)
-class RecentSession:
-    """A host-independent entry: ages (seconds since each packet, oldest first) instead of jiffies.
-    This is what replication and migration exchange; `remaining_s` is for display and needs the
-    farm's --seconds."""
-
-    addr: str
-    ages_s: tuple[float, ...]
-    ttl: int = 0
-    remaining_s: float | None = None
-
-    def to_json(self) -> dict:
-        return {"addr": self.addr, "ages_s": list(self.ages_s), "ttl": self.ttl,
-                "remaining_s": self.remaining_s}
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,55 +72,6 @@ class AddResult:
     replaced: bool
     evicted: bool
     stamps: tuple[int, ...] = field(default=())
-
-
-def canonical_addr(text: str) -> str:
-    """The address as Python writes it (IPv6 compressed); raises XtRecentError if it is none."""
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError as exc:
-        raise XtRecentError(f"not an IPv4/IPv6 address: {text!r}") from exc
-
-
-def parse_line(line: str, *, source: str = "<text>", lineno: int = 0) -> RecentEntry:
-    where = f"{source}:{lineno}"
-    if len(line) > MAX_LINE:
-        raise ProcFormatError(f"{where}: line of {len(line)} characters is longer than any the "
-                              "kernel writes")
-    m = _LINE.fullmatch(line)
-    if not m:
-        shown = line if len(line) <= 80 else line[:77] + "..."
-        raise ProcFormatError(f"{where}: not an xt_recent entry: {shown!r}")
-    try:
-        addr = str(ipaddress.ip_address(m["addr"]))
-    except ValueError:
-        raise ProcFormatError(f"{where}: bad address {m['addr']!r}") from None
-    ttl, last, index = int(m["ttl"]), int(m["last"]), int(m["index"])
-    ring = [int(s) for s in m["stamps"].split(", ")]
-    if ttl > 255:
-        raise ProcFormatError(f"{where}: ttl {ttl} above 255")
-    if len(ring) > MAX_STAMPS or index > len(ring):
-        raise ProcFormatError(f"{where}: oldest_pkt {index} does not fit {len(ring)} stamps")
-    # Slots index.. hold the older, wrapped-around stamps; 0..index-1 the newer ones. Unwrapped
-    # (index == count) this is the slot order. index 0 only after a u8/u16 index wraps.
-    stamps = tuple(ring[index:] + ring[:index])
-    if stamps[-1] != last:
-        raise ProcFormatError(f"{where}: last_seen {last} is not the newest stamp {stamps[-1]}")
-    return RecentEntry(addr, ttl, last, index, stamps)
-
-
-def parse_proc(text: str, *, source: str = "<text>",
-               max_entries: int = MAX_ENTRIES) -> list[RecentEntry]:
-    """All entries of a /proc/net/xt_recent file's text; a bad line raises ProcFormatError that
-    names `source` and the line number."""
-    entries: list[RecentEntry] = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line:
-            continue
-        if len(entries) >= max_entries:
-            raise ProcFormatError(f"{source}: more than {max_entries} entries")
-        entries.append(parse_line(line, source=source, lineno=lineno))
-    return entries
 
 
 def read_param(name: str, params_dir: str = PARAMS_DIR) -> int | None:
@@ -194,70 +94,6 @@ def format_stamps_command(addr: str, ttl: int, stamps: Sequence[int]) -> bytes:
     if not 0 <= ttl <= 255:
         raise XtRecentError(f"ttl {ttl} is not 0..255")
     return ("*" + addr + ";" + str(ttl) + ";" + "".join(f"{s};" for s in stamps)).encode()
-
-
-_PROBE_SCRIPT = r"""
-set -e
-P=/proc/net/xt_recent/nftsync_probe
-"$1" -w -A INPUT -m recent --name nftsync_probe --rcheck
-echo +192.0.2.1 > $P
-N=$(sed -n 's/^src=192\.0\.2\.1 ttl: 0 last_seen: \([0-9]*\) .*/\1/p' $P)
-[ -n "$N" ]
-if echo "*192.0.2.1;9;$N;" > $P 2>/dev/null; then
-    grep -q "^src=192\.0\.2\.1 ttl: 9 last_seen: $N oldest_pkt: 1 $N\$" $P && echo present && exit 0
-    echo broken
-else
-    echo absent
-fi
-"""
-
-
-def probe_patched(iptables: str = "iptables", timeout: float = 10.0) -> tuple[bool | None, str]:
-    """Whether the running kernel's xt_recent takes `*addr;ttl;stamps;` writes.
-
-    The probe runs in a throw-away network namespace (`unshare --net`), so the only table it
-    touches is one it creates there: an iptables rule `-m recent --name nftsync_probe` makes it,
-    `+192.0.2.1` gives a valid current stamp, and `*192.0.2.1;9;<that stamp>;` must then read back
-    exactly. A stock kernel refuses any `*` line with EINVAL and changes nothing, so there is no
-    harm either way. Returns (answer, reason); answer None when the probe could not run.
-    """
-    unshare = shutil.which("unshare")
-    ipt = shutil.which(iptables)
-    if unshare is None or ipt is None:
-        return None, f"needs unshare and {iptables}"
-    try:
-        proc = subprocess.run([unshare, "--net", "sh", "-c", _PROBE_SCRIPT, "probe", ipt],
-                              capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"probe did not run: {exc}"
-    out = proc.stdout.strip().splitlines()
-    word = out[-1] if out else ""
-    if word == "present":
-        return True, "the '*addr;ttl;stamps;' command inserted an entry with its stamps"
-    if word == "absent":
-        return False, "the kernel refused '*addr;ttl;stamps;' (stock xt_recent)"
-    if word == "broken":
-        return None, "the kernel took '*addr;...' but did not store the stamps given"
-    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return None, f"probe failed in a scratch namespace: {err}"
-
-
-_probe_cache: dict[str, bool | None] = {}
-
-
-def kernel_has_stamps_command(iptables: Sequence[str] = ("iptables", "iptables-legacy")) -> bool:
-    """Cached probe_patched() with the first iptables that gives an answer (iptables-nft needs
-    nf_tables, iptables-legacy the legacy tables: a host may have only one). An inconclusive
-    probe counts as absent: the +addr fallback is always safe."""
-    key = ",".join(iptables)
-    if key not in _probe_cache:
-        answer = None
-        for binary in iptables:
-            answer = probe_patched(binary)[0]
-            if answer is not None:
-                break
-        _probe_cache[key] = answer
-    return bool(_probe_cache[key])
 
 
 class XtRecentTable:

@@ -146,6 +146,8 @@ global_defs {
     vrrp_garp_interval 0.001
     vrrp_gna_interval 0.001
     vrrp_garp_master_refresh 10
+    # Real-time scheduling for the VRRP process if it ever finds itself delayed (busy host).
+    max_auto_priority
 }
 
 vrrp_instance nftsync {
@@ -284,20 +286,34 @@ wait_notify_done() { # node
 }
 
 cmd_kill() { # node
-    local node=$1 dev pid pids i a
+    local node=$1 dev pid pids start i a
     check_node "$node"
     need_lab
     touch "$HA/$node.killed"
     # The network goes first, as when power is lost: no priority-0 advert, no goodbye to peers.
     for dev in front back sync; do ipn "$node" link set "$dev" down; done
-    # Repeat: keepalived may fork a notify script (FAULT, links just went down) between passes.
-    for ((i = 0; i < 100; i++)); do
-        pids=$(ip netns pids "$LAB-$node")
-        [[ -z "$pids" ]] && break
-        for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+    # Several rounds: keepalived may fork a notify script (FAULT, its links just went down)
+    # between listing and signalling. Only what we signalled must be gone: a short-lived tool
+    # run into the namespace from outside (`ip -n`, a test polling addresses) may appear at any
+    # time and is killed in a round or simply ends.
+    local -A signalled=()
+    for ((i = 0; i < 5; i++)); do
+        for pid in $(ip netns pids "$LAB-$node"); do
+            [[ -n "${signalled[$pid]:-}" ]] && continue
+            start=$(proc_starttime "$pid") || continue
+            signalled[$pid]=$start
+            kill -KILL "$pid" 2>/dev/null || true
+        done
         sleep 0.02
     done
-    pids=$(ip netns pids "$LAB-$node")
+    for ((i = 0; i < 100; i++)); do
+        pids=""
+        for pid in "${!signalled[@]}"; do
+            [[ "$(proc_starttime "$pid" || true)" == "${signalled[$pid]}" ]] && pids="$pids $pid"
+        done
+        [[ -z "$pids" ]] && break
+        sleep 0.02
+    done
     if [[ -n "$pids" ]]; then
         die "$node: processes survive SIGKILL for 2 s:$(for pid in $pids; do
             printf ' %s(%s)' "$pid" "$(cat "/proc/$pid/comm" 2>/dev/null)"

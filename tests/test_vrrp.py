@@ -289,3 +289,71 @@ def test_notify_script_applies_the_latest_state_when_calls_overlap(notify_env):
     calls = (tmp / "calls").read_text().splitlines()
     assert calls[0].endswith("promote") and calls[-1].endswith("demote"), calls
     assert proc_starttime(slow.pid) is None
+
+
+# --- with the sync daemon: the promise, end to end ---------------------------------------------
+def daemon_available() -> bool:
+    root = Path(__file__).resolve().parent.parent
+    return (root / "nftsync" / "daemon" / "core.py").exists()
+
+
+@pytest.mark.skipif(not daemon_available(), reason="nftsync daemon not written yet")
+def test_crash_of_the_active_node_is_invisible_to_clients(tmp_path: Path):
+    """keepalived + nftsync daemon on both nodes; lb1 dies (links down, everything SIGKILLed):
+    every client keeps its backend, an established stream goes on without a lost line, and
+    keepalived's notify promoted lb2's daemon."""
+    from daemons import SYNC4, DaemonProc, make_key, wait_for
+
+    farm = tmp_path / "farm.nft"
+    farm.write_text((RULESETS / "farm-http.nft").read_text()
+                    .replace("tcp dport 80 jump", "tcp dport { 80, 7000 } jump"))
+    lab = Lab.up(prefix=lab_prefix(), clients=31, backends=2)
+    state = Path("/run/nftsync-lab") / lab.prefix
+    daemons: list[DaemonProc] = []
+    pair = Ha(lab)
+    try:
+        key = make_key(state)
+        for node in ("lb1", "lb2"):
+            nftsync(lab, node, "apply", str(farm))
+        # Sockets where ha.sh's notify settings look for them: $STATE/lbN.sock.
+        d1 = DaemonProc(lab.ns("lb1"), "lb1", 1, SYNC4["lb1"], [SYNC4["lb2"]], key, state,
+                        role="active")
+        d2 = DaemonProc(lab.ns("lb2"), "lb2", 2, SYNC4["lb2"], [SYNC4["lb1"]], key, state)
+        daemons += [d1, d2]
+        for d in daemons:
+            d.start()
+        for d in daemons:
+            d.wait(lambda d=d: d.peers_up() >= 1, 15, "peer connected")
+        pair.up()
+        pair.wait_notified("lb1", "MASTER")
+        assert pair.notify_calls("lb1")[-1].outcome.startswith("ok"), pair.notify_calls("lb1")
+        assert d1.ctl("status")["role"] == "active" and d2.ctl("status")["role"] == "backup"
+
+        sources = [client4(i) for i in range(1, 21)]
+        stream = lab.stream(source=client4(31), seconds=6)
+        before = lab.request(port=80, sources=sources)
+        assert all(b[0] in BACKENDS for b in before.values()), before
+        wait_for(lambda: set(sources) <= set(sessions(lab, "lb2")), 10, "sessions on lb2")
+        wait_for(lambda: any("dport=7000" in ln and "ESTABLISHED" in ln for ln in
+                             lab.exec("lb2", "conntrack", "-L", check=False).stdout.splitlines()),
+                 10, "the stream's conntrack entry on lb2")
+
+        took = pair.timed_move("kill", "lb1")
+        print(f"\nVIP move after the active node died (daemons running): {took * 1000:.0f} ms")
+        after = lab.request(port=80, sources=sources)
+        assert after == before
+        result = stream.result(timeout=20)
+        print(f"stream across the failover: {result}")
+        assert result["error"] is None and not result["reset"] and not result["eof"], result
+        assert result["missing"] == 0 and len(result["backends_seen"]) == 1, result
+        pair.wait_notified("lb2", "MASTER")
+        assert pair.notify_calls("lb2")[-1].action == "promote"
+        assert pair.notify_calls("lb2")[-1].outcome.startswith("ok"), pair.notify_calls("lb2")
+        assert d2.ctl("status")["role"] == "active"
+    finally:
+        for d in daemons:
+            d.stop()
+        try:
+            pair.down()
+        finally:
+            lab.down()

@@ -22,6 +22,7 @@ from nftsync.compat.xtrecent import (
     TableFullError,
     XtRecentError,
     XtRecentTable,
+    diff_entries,
     format_stamps_command,
     ip_list_tot,
     parse_line,
@@ -308,3 +309,19 @@ def test_add_many_checks_the_whole_batch_before_writing(table_ns: str) -> None:
         assert t.list() == []  # nothing written
         res = t.add_many(batch, allow_evict=True)
         assert sum(r.evicted for r in res) == 2 and len(t.list()) == cap
+
+
+def test_diff_between_two_reads(table_ns: str) -> None:
+    with netns.entered(table_ns):
+        t = XtRecentTable("t", 100, patched=False)
+        for a in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            t.add(a, 100)
+        before = t.list()
+        assert diff_entries(before, t.list()) == diff_entries([], [])  # nothing changed
+        t.delete("192.0.2.2")
+        t.add("2001:db8::5", 100)
+        t._write(b"+192.0.2.3")  # a packet-like update: one more stamp on a known address
+        d = diff_entries(before, t.list())
+        assert sorted(e.addr for e in d.upserted) == ["192.0.2.3", "2001:db8::5"]
+        assert d.deleted == ("192.0.2.2",)
+        assert [e.hits for e in d.upserted if e.addr == "192.0.2.3"] == [2]

@@ -49,7 +49,7 @@ __all__ = [
     "MAX_LINE", "AddResult", "ProcFormatError", "RecentEntry", "RecentSession", "TableFullError",
     "XtRecentError", "XtRecentTable", "canonical_addr", "format_stamps_command", "ip_list_tot",
     "kernel_has_stamps_command", "parse_line", "parse_proc", "probe_patched", "read_param",
-    "tables",
+    "tables", "TableDiff", "diff_entries", "entries_by_addr",
 ]
 
 PROC_DIR = "/proc/thread-self/net/xt_recent"
@@ -338,3 +338,22 @@ def tables(proc_dir: str = PROC_DIR) -> list[str]:
 
 def entries_by_addr(entries: Iterable[RecentEntry]) -> dict[str, RecentEntry]:
     return {e.addr: e for e in entries}
+
+
+@dataclass(frozen=True, slots=True)
+class TableDiff:
+    """What changed between two reads of one table: xt_recent sends no events, so a replicator
+    polls (list() of 100 entries ≈ 1.3 ms) and ships only this."""
+
+    upserted: tuple[RecentEntry, ...]  # new addresses, or new stamps/ttl on known ones
+    deleted: tuple[str, ...]  # addresses gone (deleted, evicted, or reaped by --reap)
+
+
+def diff_entries(old: Iterable[RecentEntry], new: Iterable[RecentEntry]) -> TableDiff:
+    before = entries_by_addr(old)
+    after = entries_by_addr(new)
+    upserted = tuple(e for a, e in after.items()
+                     if a not in before or before[a].stamps != e.stamps
+                     or before[a].ttl != e.ttl)
+    deleted = tuple(a for a in before if a not in after)
+    return TableDiff(upserted, deleted)

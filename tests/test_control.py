@@ -222,7 +222,19 @@ def test_huge_line_is_refused_and_next_client_served(served: Served) -> None:
         control.call(served.path, "resync", {"peer": "p" * 70_000})
 
 
-def test_too_many_clients(served: Served) -> None:
+def test_clients_that_hang_up_early(served: Served) -> None:
+    for i in range(50):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(served.path)
+            if i % 2:
+                s.sendall(b'{"cmd":"show","args":{"limit":3}}\n')  # gone before the answer
+            else:
+                s.sendall(b'{"cmd":"sta')  # gone in the middle of a request
+    assert control.call(served.path, "status")["node"] == "lb1"
+
+
+def test_too_many_clients(served: Served, monkeypatch) -> None:
+    monkeypatch.setattr(control, "SLOT_WAIT", 0.3)
     held = []
     try:
         for _ in range(control.MAX_CLIENTS):
@@ -266,6 +278,31 @@ def test_idle_and_non_reading_clients_are_dropped(served: Served, monkeypatch) -
             time.sleep(0.05)
         assert not served.server._clients
     assert control.call(served.path, "status")["node"] == "lb1"
+
+
+def test_burst_waits_for_a_slot(served: Served, monkeypatch) -> None:
+    monkeypatch.setattr(control, "SLOT_WAIT", 10.0)
+    held = []
+    try:
+        for _ in range(control.MAX_CLIENTS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(served.path)
+            s.sendall(b'{"cmd":"ping"}\n')
+            assert json.loads(s.recv(65536))["ok"]
+            held.append(s)
+        result: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: result.append(control.call(served.path, "status", timeout=20)))
+        waiter.start()
+        time.sleep(0.3)
+        assert not result  # waiting: every slot is taken
+        held.pop().close()  # one client leaves: the waiting one is served
+        waiter.join(20)
+        assert result and result[0]["node"] == "lb1"
+    finally:
+        for s in held:
+            s.close()
 
 
 # --- socket file ----------------------------------------------------------------------------

@@ -40,7 +40,9 @@ log = logging.getLogger("nftsync.control")
 
 MAX_REQUEST = 64 * 1024  # a request is a command name and a few small arguments
 MAX_RESPONSE = 64 * 1024 * 1024  # `show` of a big farm; the client refuses anything larger
-MAX_CLIENTS = 32  # concurrent control connections; more are answered with an error and closed
+MAX_CLIENTS = 32  # control connections served at once; more wait for a slot (bursts) ...
+SLOT_WAIT = 5.0  # ... for at most this many seconds, then get an error and are closed
+MAX_WAITING = 4 * MAX_CLIENTS  # beyond this many connections, refuse at once (a flood)
 CLIENT_IDLE = 60.0  # seconds a connection may sit without sending a request
 DEFAULT_TIMEOUT = 10.0
 MAX_SHOW_LIMIT = 100_000
@@ -125,6 +127,7 @@ class ControlServer:
         self.path = path
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_CLIENTS)
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self.started = time.monotonic()
 
@@ -200,8 +203,13 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        slot = False
         try:
-            if len(self._clients) > MAX_CLIENTS:
+            # A connection that waits for a slot costs a task and a socket, no more; a burst
+            # (monitoring scripts firing together, clients that already hung up but are not
+            # yet reaped) is absorbed, a flood is refused.
+            slot = len(self._clients) <= MAX_WAITING and await self._acquire_slot()
+            if not slot:
                 writer.write(encode(error_response(
                     f"too many control connections (at most {MAX_CLIENTS})")))
                 await writer.drain()
@@ -210,6 +218,8 @@ class ControlServer:
         except ConnectionError as exc:
             log.debug("control client went away: %s", exc)
         finally:
+            if slot:
+                self._slots.release()
             self._clients.discard(task)
             writer.close()
             # asyncio.timeout rather than wait_for: no inner task, so a cancellation from
@@ -219,6 +229,14 @@ class ControlServer:
                     await writer.wait_closed()
             except (TimeoutError, ConnectionError):
                 writer.transport.abort()
+
+    async def _acquire_slot(self) -> bool:
+        try:
+            async with asyncio.timeout(SLOT_WAIT):
+                await self._slots.acquire()
+        except TimeoutError:
+            return False
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

@@ -456,6 +456,10 @@ def test_journal_log_format() -> None:
 # --- end to end: the real daemon ------------------------------------------------------------
 
 HEX_KEY = "3f9a1c2b7d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8"
+FARM = Path(__file__).parent.parent / "rulesets" / "farm.nft"
+# What contrib/systemd/nftsync.service leaves the daemon: CapabilityBoundingSet=CAP_NET_ADMIN,
+# NoNewPrivileges=yes.
+CONFINE = ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all", "--no-new-privs"]
 
 
 def _have_core() -> bool:
@@ -468,7 +472,11 @@ def _have_core() -> bool:
 
 @pytest.mark.skipif(not _have_core(), reason="nftsync.daemon.core is not there yet")
 def test_real_daemon_pair(tmp_path: Path) -> None:
-    """Two daemons in two namespaces joined by a veth: ctl, SIGHUP (good and bad), SIGTERM."""
+    """Two daemons in two namespaces joined by a veth: ctl, SIGHUP (good and bad), SIGTERM.
+
+    lb2 runs with CAP_NET_ADMIN as its only capability and no_new_privs, as the systemd unit
+    confines it, and must still write what it receives into its kernel's session map.
+    """
     key = tmp_path / "key"
     key.write_text(HEX_KEY + "\n")
     key.chmod(0o600)
@@ -482,6 +490,8 @@ def test_real_daemon_pair(tmp_path: Path) -> None:
         netns.run(ns2, "ip", "addr", "add", "10.99.0.2/24", "dev", "sync2")
         netns.run(ns1, "ip", "link", "set", "sync1", "up")
         netns.run(ns2, "ip", "link", "set", "sync2", "up")
+        for ns in (ns1, ns2):
+            netns.run(ns, *NFTSYNC, "apply", str(FARM))
         socks, confs = [], []
         for i, (ns, me, other) in enumerate([(ns1, "10.99.0.1", "10.99.0.2"),
                                              (ns2, "10.99.0.2", "10.99.0.1")], start=1):
@@ -492,8 +502,10 @@ def test_real_daemon_pair(tmp_path: Path) -> None:
                             f'role = "{"active" if i == 1 else "backup"}"\n')
             log = open(tmp_path / f"lb{i}.log", "w")  # noqa: SIM115 - closed in finally
             logs.append(log)
-            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *NFTSYNC, "daemon",
-                                           "--config", str(conf)], stdout=log, stderr=log))
+            confine = CONFINE if i == 2 else []
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *confine, *NFTSYNC,
+                                           "daemon", "--config", str(conf)],
+                                          stdout=log, stderr=log))
             socks.append(f"{tmp_path}/lb{i}/ctl.sock")
             confs.append(conf)
 
@@ -534,9 +546,18 @@ def test_real_daemon_pair(tmp_path: Path) -> None:
         assert r.returncode == 0 and control.call(socks[1], "status")["role"] == "active"
         r = ctl(socks[1], "demote")
         assert control.call(socks[1], "status")["role"] == "backup"
-        # no farm is loaded in these namespaces: the daemon says so and status exits 2
-        r = ctl(socks[0], "status")
-        assert r.returncode == 2 and "no nftsync farm is loaded" in r.stdout, r
+        # the confined daemon applies a session made on lb1 to its own kernel map
+        status = Path(f"/proc/{procs[1].pid}/status").read_text()
+        assert "CapBnd:\t0000000000001000" in status and "NoNewPrivs:\t1" in status
+        netns.run(ns1, *NFTSYNC, "sessions", "add", "10.10.1.7", "0x201")
+
+        def on_lb2() -> bool:
+            out = netns.run(ns2, "nft", "-j", "list", "map", "ip", "nftsync_web",
+                            "web_sessions").stdout
+            return "10.10.1.7" in out
+        wait_for(on_lb2, "the session on lb2's kernel map")
+        r = ctl(socks[1], "status")
+        assert r.returncode == 0 and "health    ok" in r.stdout, r
 
         # SIGHUP with a broken file: logged, old config kept, daemon still answers
         good = confs[0].read_text()

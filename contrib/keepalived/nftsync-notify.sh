@@ -13,7 +13,7 @@
 #   NFTSYNC_SOCKET          the daemon's control socket (default: /run/nftsync/nftsync.sock)
 #   NFTSYNC_NOTIFY_TIMEOUT  seconds one ctl call may take before it is killed (default: 5)
 #   NFTSYNC_NOTIFY_LOG      also append one line per call to this file (default: none)
-#   NFTSYNC_NOTIFY_STATE    file holding the last notified state (default: /run/nftsync/vrrp.state)
+#   NFTSYNC_NOTIFY_STATE    file holding the last notified state (default: /run/nftsync-notify/vrrp.state)
 #   NFTSYNC_NOTIFY_SYSLOG   1: log through logger(1) with tag nftsync-notify (default: 1)
 #   NFTSYNC_REQUIRE_DAEMON  1: a missing control socket is an error (exit 1); 0: log it and exit 0,
 #                           so VRRP works before the daemon is installed (default: 1)
@@ -95,7 +95,7 @@ load_defaults "$defaults"
 NFTSYNC_CMD=${NFTSYNC_CMD:-nftsync}
 NFTSYNC_SOCKET=${NFTSYNC_SOCKET:-/run/nftsync/nftsync.sock}
 NFTSYNC_NOTIFY_TIMEOUT=${NFTSYNC_NOTIFY_TIMEOUT:-5}
-NFTSYNC_NOTIFY_STATE=${NFTSYNC_NOTIFY_STATE:-/run/nftsync/vrrp.state}
+NFTSYNC_NOTIFY_STATE=${NFTSYNC_NOTIFY_STATE:-/run/nftsync-notify/vrrp.state}
 NFTSYNC_REQUIRE_DAEMON=${NFTSYNC_REQUIRE_DAEMON:-1}
 [[ "$NFTSYNC_NOTIFY_TIMEOUT" =~ ^[0-9]{1,3}(\.[0-9]{1,3})?$ ]] ||
     die 2 "NFTSYNC_NOTIFY_TIMEOUT must be seconds (e.g. 5 or 0.5), got '$NFTSYNC_NOTIFY_TIMEOUT'"

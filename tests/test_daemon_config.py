@@ -309,3 +309,21 @@ def test_example_documents_every_key_and_is_valid(tmp_path: Path, key: Path) -> 
     # and the example as shipped (only key_file set) loads too
     shipped = text.replace('key_file = "/etc/nftsync/key"', f'key_file = "{key}"')
     assert load_config(str(write(tmp_path, shipped, "shipped.toml")), {}).role == "backup"
+
+
+def test_config_file_must_not_be_writable_by_others(tmp_path: Path, key: Path) -> None:
+    path = write(tmp_path, 'key_file = "key"\n')
+    path.chmod(0o666)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {})
+    assert str(info.value) == (f"config file {path} has mode 0666: group/others must not be "
+                               f"able to write it (chmod go-w {path})")
+    path.chmod(0o644)
+    assert load_config(str(path), {}).key == bytes.fromhex(HEX_KEY)
+    with pytest.raises(ConfigError, match="^cannot read config file .*: Is a directory$"):
+        load_config(str(tmp_path), {})
+
+
+def test_own_address_is_not_a_peer(tmp_path: Path, key: Path) -> None:
+    assert _err(tmp_path, 'key_file = "key"\nlisten = "10.0.0.1:7777"\npeers = ["10.0.0.1"]\n') \
+        == "T/nftsync.toml: peers: 10.0.0.1:7777 is this node's own listen address"

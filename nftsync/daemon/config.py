@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import tomllib
 import zlib
 from dataclasses import dataclass, field
@@ -150,6 +151,14 @@ def _read_file(path: str) -> dict[str, _Value]:
     p = Path(path)
     try:
         with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"config file {p} is not a regular file")
+            # Whoever can write the file chooses the peers and the key file: like the key
+            # itself, it must not be writable by group or others.
+            if st.st_mode & 0o022:
+                raise ConfigError(f"config file {p} has mode {stat.S_IMODE(st.st_mode):04o}: "
+                                  f"group/others must not be able to write it (chmod go-w {p})")
             raw = f.read(MAX_CONFIG_FILE + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
@@ -226,6 +235,10 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         if (v := got(key)) is not None:
             kw[key] = _int(v, ilo, ihi)
     _cross_check(kw, values)
+    if "peers" in kw and "listen_host" in kw:
+        me = PeerConfig(kw["listen_host"], kw["listen_port"])
+        if me in kw["peers"]:
+            raise ConfigError(f"{values['peers'].where}: {me} is this node's own listen address")
 
     key_value = got("key_file")
     if key_value is None:

@@ -146,7 +146,7 @@ class ControlServer:
             os.chmod(self.path, 0o600)
             st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
-            sock.listen(MAX_CLIENTS)
+            sock.listen(MAX_WAITING)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

@@ -131,6 +131,25 @@ def test_cutting_the_sync_link_does_not_move_the_vip(ha: Ha, farm_lab: Lab):
         farm_lab.restore_sync()
 
 
+def test_backend_link_failure_moves_the_vip(ha: Ha, farm_lab: Lab):
+    """track_interface back: a MASTER that cannot reach the backends goes FAULT and hands over."""
+    farm_lab.exec("lb1", "ip", "link", "set", "back", "down")
+    try:
+        took = ha.wait_owner("lb2", timeout=5)
+        print(f"\nVIP move after lb1 lost its backend link: {took * 1000:.0f} ms")
+        ha.wait_notified("lb1", "FAULT")
+        assert ha.state("lb1") == "FAULT"
+        assert ha.notify_calls("lb1")[-1].action == "demote"
+        assert_served(farm_lab, "lb2")
+    finally:
+        farm_lab.exec("lb1", "ip", "link", "set", "back", "up")
+    deadline = time.monotonic() + 5
+    while ha.state("lb1") != "BACKUP" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ha.state("lb1") == "BACKUP"
+    assert_only_owner(ha, "lb2")
+
+
 def test_notify_runs_with_each_nodes_state(ha: Ha):
     ha.wait_notified("lb1", "MASTER")
     ha.wait_notified("lb2", "BACKUP")

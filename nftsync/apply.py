@@ -72,11 +72,12 @@ class Plan:
     farms: list[str] = field(default_factory=list)
     changed: bool = True
     applied: bool = False
+    carried: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)  # map_id -> keys
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["changes"] = [asdict(c) for c in self.changes]
-        del d["commands"]
+        del d["commands"], d["carried"]
         return d
 
 
@@ -87,8 +88,11 @@ def check(path: str) -> Desired:
     return desired
 
 
-def apply(path: str, *, dry_run: bool = False, force: bool = False,
-          nft: Nft | None = None) -> Plan:
+def apply(path: str, *, dry_run: bool = False, force: bool = False, nft: Nft | None = None,
+          extra_sessions: dict[str, list[Session]] | None = None) -> Plan:
+    """Load `path` in one transaction. `extra_sessions` ({"farm/role": sessions}) are added to
+    those maps in the same transaction, replacing entries with the same key (used by
+    `nftsync compat migrate` so the legacy sessions and the new farm arrive together)."""
     nft = nft or Nft()
     desired = evaluate_file(path)
     try:
@@ -102,6 +106,8 @@ def apply(path: str, *, dry_run: bool = False, force: bool = False,
     current = current_tables(nft, wanted)
     old_farms = current_farms(nft)
     _plan(plan, desired, current, old_farms, new_farms, nft)
+    if extra_sessions:
+        _add_extra(plan, extra_sessions, old_farms, new_farms, nft)
     stamps = {tid: _table_digest(desired, tid) for tid in wanted}
     structural = any(c.action not in ("keep", "flush") for c in plan.changes)
     plan.changed = force or structural or bool(plan.dropped) or \
@@ -202,6 +208,7 @@ def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
     for target, sessions in restore:
         kept = _carry_over(plan, target, sessions, new_farms)
         plan.restored[str(target.ref)] = len(kept)
+        plan.carried[target.map_id] = [s.key for s in kept]
         cmds += NftSessionMap(target, nft).commands(add=kept)
     cmds += after
     for farm in new_farms.values():
@@ -211,6 +218,28 @@ def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
         states = {m: s for m, s in (old.states if old else {}).items() if m in farm.backends}
         farm.states = states
         cmds += backend_states.states_commands(farm, states)
+
+
+def _add_extra(plan: Plan, extra: dict[str, list[Session]], old_farms: dict[str, Farm],
+               new_farms: dict[str, Farm], nft: Nft) -> None:
+    for map_id, sessions in extra.items():
+        farm_name, _, role_name = map_id.partition("/")
+        farm = new_farms.get(farm_name)
+        target = farm.maps.get(Role(role_name)) if farm else None
+        if target is None:
+            raise RulesetError(f"{plan.path}: no {role_name} map of farm {farm_name!r} for the "
+                               "sessions to carry over")
+        # Keys the transaction will already hold there: kept elements or carried-over ones.
+        have: set[tuple[str, ...]] = set(plan.carried.get(map_id, ()))
+        old = old_farms.get(farm_name)
+        old_map = old.maps.get(target.role) if old else None
+        if old_map is not None and old_map.ref == target.ref and map_id not in plan.carried:
+            have |= {s.key for s in NftSessionMap(old_map, nft).list()}
+        clash = [s.key for s in sessions if s.key in have]
+        plan.commands += NftSessionMap(target, nft).commands(add=sessions, delete=clash)
+        plan.restored[str(target.ref)] = plan.restored.get(str(target.ref), 0) + len(sessions)
+        plan.changes.append(Change("add", "sessions", str(target.ref),
+                                   f"{len(sessions)} session(s) carried in"))
 
 
 def _target_map(old: SessionMap, new_farms: dict[str, Farm]) -> SessionMap | None:

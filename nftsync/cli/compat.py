@@ -40,6 +40,7 @@ def command() -> None:
       nftsync compat recent list _F_0x200_sessions --seconds 120
       nftsync compat recent add _F_0x200_sessions 10.0.0.7 --remaining 60 --seconds 120
       nftsync compat probe                           HZ, ip_list_tot, patched kernel or not
+      nftsync compat migrate farm.toml farm.nft      move the farm to nftables, clients stay
     """
 
 
@@ -237,3 +238,56 @@ def probe_cmd(iptables_bin: str, as_json: bool) -> None:
         ])
 
     emit(as_json, data, text)
+
+
+@command.command("migrate")
+@click.argument("legacy_file", type=click.Path(dir_okay=False))
+@click.argument("nft_file", type=click.Path(dir_okay=False))
+@click.option("--farm", "farm_name", help="The farm of NFT_FILE to migrate to (default: the one "
+              "with the legacy farm's backend marks).")
+@click.option("--dry-run", is_flag=True, help="Show the plan: nft changes and sessions per "
+              "backend; change nothing.")
+@iptables_option
+@json_option
+@handle_errors
+def migrate_cmd(legacy_file: str, nft_file: str, farm_name: str | None, dry_run: bool,
+                iptables_bin: str, as_json: bool) -> None:
+    """Move the running legacy farm LEGACY_FILE to the nft farm NFT_FILE, keeping every client
+    on its backend.
+
+    \b
+    1. every live xt_recent session is read (client, backend mark, remaining time);
+    2. one nft transaction loads NFT_FILE and puts those sessions in its session map;
+    3. sessions that appeared meanwhile are added;
+    4. the legacy chain and its jumps are removed in one iptables-restore.
+    The nft farm must have the same backend marks and addresses, and a session map keyed by
+    the source address (key=saddr, or saddr/N for a legacy --mask).
+
+    \b
+      nftsync compat migrate --dry-run compat/farms/legacy-farm.toml rulesets/farm.nft
+      nftsync compat migrate compat/farms/legacy-farm.toml rulesets/farm.nft
+    """
+    from nftsync.compat.migrate import migrate
+
+    require_root()
+    farm = legacy.load_farm(legacy_file)
+    result = migrate(farm, legacy_file, nft_file, farm_name=farm_name, dry_run=dry_run,
+                     runner=legacy.IptablesRunner(iptables=iptables_bin))
+
+    def text(r) -> str:
+        total = sum(r["sessions"].values())
+        head = "would migrate" if r["dry_run"] else "migrated"
+        lines = [f"{head} legacy farm {r['legacy']} to farm {r['farm']} of {r['nft_file']}",
+                 f"  sessions carried over: {total} ("
+                 + ", ".join(f"{m}: {n}" for m, n in sorted(r["sessions"].items())) + ")"]
+        if r["expired_skipped"]:
+            lines.append(f"  expired entries skipped: {r['expired_skipped']}")
+        if r["moved_clients"]:
+            lines.append(f"  clients in two tables (newest kept): {r['moved_clients']}")
+        if not r["dry_run"]:
+            lines.append(f"  sessions added after the switch: {r['late']}")
+            lines.append(f"  legacy rules removed: {'yes' if r['rules_removed'] else 'no'}")
+        lines += [f"  {c['action']:9} {c['kind']:9} {c['name']}" for c in r["nft_changes"]]
+        return "\n".join(lines)
+
+    emit(as_json, result.as_dict(), text)

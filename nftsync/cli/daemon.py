@@ -46,6 +46,9 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
               help="Replicate only this farm (repeat; default: every nftsync farm).")
 @click.option("--conntrack/--no-conntrack", default=None,
               help="Replicate the farms' conntrack entries too (default: yes).")
+@click.option("--legacy-farm", "legacy_farms", multiple=True, metavar="FILE",
+              help="Also replicate the xt_recent tables of this legacy iptables-recent farm "
+              "(compat/farms/*.toml; repeat for several).")
 @click.option("--log-level", metavar="LEVEL", help="debug, info (default), warning or error.")
 @click.option("--check", is_flag=True,
               help="Only validate the configuration, print it (without the key) and exit.")
@@ -54,7 +57,8 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
             key_file: str | None, role: str | None, socket: str | None, node_id: int | None,
             node_name: str | None, cluster: str | None, farms: tuple[str, ...],
-            conntrack: bool | None, log_level: str | None, check: bool, as_json: bool) -> None:
+            conntrack: bool | None, legacy_farms: tuple[str, ...], log_level: str | None,
+            check: bool, as_json: bool) -> None:
     """Replicate sessions and conntrack entries to the peer load balancers (the seed's ssyncd).
 
     Settings are read from the config file, then the flags override them. The key file is
@@ -82,6 +86,7 @@ def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
         "listen": listen, "peers": list(peers), "key_file": key_file, "role": role,
         "socket": socket, "node_id": node_id, "node_name": node_name, "cluster": cluster,
         "farms": list(farms), "conntrack": conntrack, "log_level": log_level,
+        "legacy_farms": list(legacy_farms),
     }
     config = load_config(config_path, overrides)
     if check:
@@ -104,7 +109,7 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "listen": str_endpoint(config.listen_host, config.listen_port),
         "peers": [str(p) for p in config.peers], "key_file": config.key_file,
         "key_bytes": len(config.key), "farms": config.farms, "conntrack": config.conntrack,
-        "socket": config.socket, "log_level": config.log_level,
+        "legacy_farms": config.legacy_farms, "socket": config.socket, "log_level": config.log_level,
         "timing": {k: getattr(config, k) for k in ("heartbeat_interval", "peer_timeout",
                                                   "reconnect_min", "reconnect_max",
                                                   "batch_delay", "stall_after")},

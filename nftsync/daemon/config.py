@@ -49,6 +49,7 @@ class DaemonConfig:
     socket: str = DEFAULT_SOCKET
     farms: list[str] | None = None  # replicate only these farms (None: every nftsync farm)
     conntrack: bool = True  # replicate the farms' conntrack entries too
+    legacy_farms: list[str] = field(default_factory=list)  # iptables-recent farm files (compat/)
     heartbeat_interval: float = 1.0  # seconds between heartbeats on an idle connection
     peer_timeout: float = 5.0  # no frame for this long -> the connection is dead
     reconnect_min: float = 0.2  # reconnect backoff, doubling up to reconnect_max
@@ -89,7 +90,7 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 #: Top-level keys of the file, in the order they are validated (so a typo in `peers` is reported
 #: before a missing key file: the cheap, syntactic errors first).
 TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "peers", "farms", "conntrack",
-            "socket", "log_level", "key_file")
+            "legacy_farms", "socket", "log_level", "key_file")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
     "heartbeat_interval": (0.0, 60.0),
@@ -108,7 +109,8 @@ LIMIT_KEYS: dict[str, tuple[int, int]] = {
 TABLES: dict[str, tuple[str, ...]] = {"timing": tuple(TIMING_KEYS), "limits": tuple(LIMIT_KEYS)}
 
 #: Command-line flag that overrides each key (for error messages).
-FLAGS = {"peers": "--peer", "farms": "--farm", "conntrack": "--conntrack/--no-conntrack"}
+FLAGS = {"peers": "--peer", "farms": "--farm", "conntrack": "--conntrack/--no-conntrack",
+         "legacy_farms": "--legacy-farm"}
 
 
 def flag_for(key: str) -> str:
@@ -224,6 +226,8 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         kw["farms"] = _farms(v)
     if (v := got("conntrack")) is not None:
         kw["conntrack"] = _bool(v)
+    if (v := got("legacy_farms")) is not None:
+        kw["legacy_farms"] = _legacy_farms(v)
     if (v := got("socket")) is not None:
         kw["socket"] = _socket_path(v)
     if (v := got("log_level")) is not None:
@@ -358,6 +362,25 @@ def _socket_path(v: _Value) -> str:
     if "\0" in text or len(os.fsencode(text)) > MAX_SOCKET_PATH:
         raise _fail(v, f"must be at most {MAX_SOCKET_PATH} bytes (the unix socket limit)")
     return text
+
+
+def _legacy_farms(v: _Value) -> list[str]:
+    """Legacy farm description files (compat/farms/*.toml): loaded now, so errors show at start."""
+    from nftsync.compat.iptables import load_farm
+
+    items = v.value if isinstance(v.value, list) else None
+    if items is None:
+        raise _fail(v, f"must be a list of legacy farm files, got {_kind(v.value)}")
+    out: list[str] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{v.where}[{i}]: must be a file name")
+        try:
+            load_farm(item)
+        except NftsyncError as exc:
+            raise ConfigError(f"{v.where}[{i}]: {exc}") from None
+        out.append(os.path.abspath(item))
+    return out
 
 
 def _farms(v: _Value) -> list[str]:

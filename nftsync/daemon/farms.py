@@ -28,6 +28,10 @@ class KeyRecipe:
     fields: tuple[str, ...]  # "saddr", "daddr", "sport", "dport", "l4proto"
     prefix: int | None  # mask length for the address part
     family: int  # AF_INET / AF_INET6
+    # Fast path (this runs for every conntrack NEW event): when each field has the datatype
+    # that carries it natively, the key is built from the entry's bytes and ints directly
+    # (no ipaddress objects). None: build through join_concat, which validates everything.
+    direct: bool = False
 
     @classmethod
     def parse(cls, spec: str, key_type: tuple[str, ...]) -> KeyRecipe:
@@ -46,11 +50,47 @@ class KeyRecipe:
         limit = 32 if family == socket.AF_INET else 128
         if prefix is not None and not 0 <= prefix <= limit:
             raise RulesetError(f"key={spec}: prefix /{prefix} out of range")
-        return cls(fields, prefix, family)
+        addr_type = "ipv6_addr" if family == socket.AF_INET6 else "ipv4_addr"
+        native = {"saddr": addr_type, "daddr": addr_type, "sport": "inet_service",
+                  "dport": "inet_service", "l4proto": "inet_proto"}
+        direct = all(native.get(f) == t for f, t in zip(fields, key_type, strict=True))
+        return cls(fields, prefix, family, direct)
 
     def key(self, ct: CtEntry, key_type: tuple[str, ...]) -> bytes | None:
         if ct.family != self.family:
             return None
+        if self.direct:
+            return self._direct_key(ct)
+        return self._concat_key(ct, key_type)
+
+    def _direct_key(self, ct: CtEntry) -> bytes:
+        """The kernel's key layout (nftables.join_concat) built from raw fields: addresses as
+        packed, ports big endian, protocol one byte; each padded to 4 bytes in a concatenation."""
+        fields = self.fields
+        if len(fields) == 1 and self.prefix is None:
+            f = fields[0]
+            if f == "saddr":
+                return ct.orig_src
+            if f == "daddr":
+                return ct.orig_dst
+        parts = []
+        for f in fields:
+            if f == "saddr" or f == "daddr":
+                raw = ct.orig_src if f == "saddr" else ct.orig_dst
+                if self.prefix is not None:
+                    raw = _masked(raw, self.prefix)
+            elif f == "sport":
+                raw = ct.orig_sport.to_bytes(2, "big")
+            elif f == "dport":
+                raw = ct.orig_dport.to_bytes(2, "big")
+            else:
+                raw = bytes((ct.l4proto,))
+            parts.append(raw)
+        if len(parts) > 1:
+            parts = [p + b"\0" * (-len(p) % 4) for p in parts]
+        return b"".join(parts)
+
+    def _concat_key(self, ct: CtEntry, key_type: tuple[str, ...]) -> bytes:
         values: list[object] = []
         for f in self.fields:
             if f in ("saddr", "daddr"):
@@ -78,15 +118,24 @@ def _masked(raw: bytes, prefix: int) -> bytes:
 class ReplicatedMap:
     smap: SessionMap
     recipe: KeyRecipe | None  # None for static maps (learned from nft events only)
+    # A plain address key (the common case) is checked and printed without ipaddress objects:
+    # these run for every replicated record. 0: some other key type, use the general path.
+    addr_len: int = field(init=False, default=0)
+    map_id: str = field(init=False, default="")
 
-    @property
-    def map_id(self) -> str:
-        return self.smap.map_id
+    def __post_init__(self) -> None:
+        self.map_id = self.smap.map_id
+        kt = tuple(self.smap.key_type)
+        self.addr_len = 4 if kt == ("ipv4_addr",) else 16 if kt == ("ipv6_addr",) else 0
 
     def key_text(self, key: bytes) -> str:
+        if self.addr_len == 4 and len(key) == 4:
+            return socket.inet_ntoa(key)
         return format_value(key, list(self.smap.key_type))
 
     def key_valid(self, key: bytes) -> bool:
+        if self.addr_len:
+            return len(key) == self.addr_len  # every 4/16 bytes are an address
         try:
             split_concat(key, list(self.smap.key_type))
         except (ValueError, RulesetError):

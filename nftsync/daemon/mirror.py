@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 UNVERIFIED = 0
 TOMBSTONE_S = 120.0  # how long a delete is remembered
+SWEEP_BUDGET = 50_000  # entries looked at per expiry sweep (one per second): a 1M table in 20 s
 
 
 def now_ms() -> int:
@@ -58,28 +59,43 @@ class Table:
     def __init__(self, name: str) -> None:
         self.name = name
         self.entries: dict[object, Entry] = {}
+        self._dead = 0  # tombstones in `entries`, so that len() needs no scan of a 1M table
+        self._sweep_keys: list[object] | None = None  # the current incremental expiry pass
+        self._sweep_pos = 0
 
     def __len__(self) -> int:
-        return sum(1 for e in self.entries.values() if e.alive)
+        return len(self.entries) - self._dead
 
     def get(self, key: object) -> Entry | None:
         e = self.entries.get(key)
         return e if e is not None and e.alive else None
 
     def local_set(self, key: object, value: object, expires_at: float | None, origin: int,
-                  updated_ms: int | None = None) -> Entry:
-        """A change made on this node (learned from the kernel): always wins locally."""
-        now = time.monotonic()
-        e = Entry(value, expires_at, self._next_ms(key, updated_ms), origin, now)
+                  updated_ms: int | None = None, now: float | None = None,
+                  wall_ms: int | None = None) -> Entry:
+        """A change made on this node (learned from the kernel): always wins locally.
+
+        `now`/`wall_ms` (monotonic s, wall ms) let a caller applying a batch read the clocks
+        once; `updated_ms` is taken as given (a dump's estimate), not bumped past the old one.
+        """
+        cur = self.entries.get(key)
+        if updated_ms is None:
+            # A local change is newer than anything we hold for the key, even within one ms
+            # (a delete + add in one transaction must not tie, or the add would lose).
+            updated_ms = wall_ms if wall_ms is not None else now_ms()
+            if cur is not None and updated_ms <= cur.updated_ms:
+                updated_ms = cur.updated_ms + 1
+        if cur is not None and cur.value is None:
+            self._dead -= 1
+        e = Entry(value, expires_at, updated_ms, origin,
+                  now if now is not None else time.monotonic())
         self.entries[key] = e
         return e
 
-    def _next_ms(self, key: object, wanted: int | None = None) -> int:
-        """A local change is newer than anything we hold for the key, even within one ms
-        (a delete + add in one transaction must not tie, or the add would lose)."""
-        ms = wanted if wanted is not None else now_ms()
+    def _next_ms(self, key: object) -> int:
+        ms = now_ms()
         cur = self.entries.get(key)
-        if cur is not None and wanted is None and ms <= cur.updated_ms:
+        if cur is not None and ms <= cur.updated_ms:
             ms = cur.updated_ms + 1
         return ms
 
@@ -91,6 +107,14 @@ class Table:
         now = time.monotonic()
         e = Entry(None, now + TOMBSTONE_S, self._next_ms(key), origin, now)
         self.entries[key] = e
+        self._dead += 1
+        return e
+
+    def pop(self, key: object) -> Entry:
+        """Remove an entry outright (sweep after a snapshot); KeyError if absent."""
+        e = self.entries.pop(key)
+        if e.value is None:
+            self._dead -= 1
         return e
 
     def merge(self, key: object, value: object | None, remaining_ms: int, updated_ms: int,
@@ -104,19 +128,46 @@ class Table:
         now = time.monotonic()
         if value is None:
             expires = now + TOMBSTONE_S
+            self._dead += 1
         else:
             expires = None if remaining_ms == 0 else now + remaining_ms / 1000
+        if cur is not None and cur.value is None:
+            self._dead -= 1
         e = Entry(value, expires, updated_ms, origin, now)
         self.entries[key] = e
         return e
 
-    def sweep_expired(self, now: float) -> int:
-        """Forget entries past their expiry (the kernel expires them on its own)."""
-        dead = [k for k, e in self.entries.items() if e.expires_at is not None and
-                e.expires_at <= now]
-        for k in dead:
-            del self.entries[k]
-        return len(dead)
+    def sweep_expired(self, now: float, budget: int = SWEEP_BUDGET) -> int:
+        """Forget entries past their expiry (the kernel expires them on its own).
+
+        Incremental: each call looks at up to `budget` keys of a key list taken at the start of
+        a pass, so a big table never stalls the event loop (a full scan of 1M entries takes
+        longer than a replication batch should wait). An entry is forgotten at most one pass
+        after its expiry; until then it is only ever re-sent with the minimum remaining time.
+        """
+        keys = self._sweep_keys
+        if keys is None:
+            if not self.entries:
+                return 0
+            keys = self._sweep_keys = list(self.entries)
+            self._sweep_pos = 0
+        entries = self.entries
+        start = self._sweep_pos
+        end = min(len(keys), start + budget)
+        n = 0
+        for i in range(start, end):
+            k = keys[i]
+            e = entries.get(k)
+            if e is not None and e.expires_at is not None and e.expires_at <= now:
+                del entries[k]
+                if e.value is None:
+                    self._dead -= 1
+                n += 1
+        if end >= len(keys):
+            self._sweep_keys = None
+        else:
+            self._sweep_pos = end
+        return n
 
     def stale(self, origin: int, since: float) -> list[object]:
         """Live keys of `origin` not touched since `since` (mark-and-sweep after a snapshot)."""

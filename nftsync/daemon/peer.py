@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -48,6 +49,7 @@ log = logging.getLogger("nftsync.daemon")
 ACK_EVERY_FRAMES = 64
 ACK_EVERY_S = 0.05
 SNAPSHOT_CHUNK = 4000
+SEND_FRAMES_PER_TURN = 4
 MAX_UNACKED_FRAMES = 256  # window: stop sending updates until the peer acknowledges
 LAG_SAMPLES = 2048
 
@@ -218,16 +220,22 @@ class PeerLink:
                 last_tx = time.monotonic()
 
     async def _send_updates(self, ch: Channel) -> None:
-        limit = self.daemon.config.batch_records
+        # Up to SEND_FRAMES_PER_TURN frames per turn, so a backlog drains as fast as it grows.
+        limit = self.daemon.config.batch_records * SEND_FRAMES_PER_TURN
         pending = self.pending
         if len(pending) <= limit:
             records = list(pending.values())
             pending.clear()
         else:
-            keys = list(pending)[:limit]
+            # The oldest `limit` keys only: copying the whole queue per batch made a big
+            # backlog quadratic to drain.
+            keys = list(itertools.islice(pending, limit))
             records = [pending.pop(k) for k in keys]
         frames = []
-        for chunk in split_records(records):
+        per_frame = self.daemon.config.batch_records
+        chunks = (c for i in range(0, len(records), per_frame)
+                  for c in split_records(records[i:i + per_frame]))
+        for chunk in chunks:
             self.send_seq += 1
             self.sent_at[self.send_seq] = time.monotonic()
             frames.append(Updates(self.send_seq, chunk))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ha import HA_SH, Ha, HaError, keepalived_in, proc_starttime
 from helpers import RULESETS, map_elements, nftsync, reset_node
-from lab import GW4, GW6, VIP4, VIP6, Lab, client4, lab_namespaces
+from lab import GW4, GW6, VIP4, VIP6, Lab, client4, client6, lab_namespaces
 
 NOTIFY_SH = Path(__file__).resolve().parent.parent / "contrib" / "keepalived" / "nftsync-notify.sh"
 SOURCES = [client4(i) for i in range(1, 11)]
@@ -90,6 +90,11 @@ def test_exactly_one_node_holds_the_vip_and_serves(ha: Ha, farm_lab: Lab):
 
 
 def test_graceful_stop_moves_the_vip(ha: Ha, farm_lab: Lab):
+    # The client's neighbour entries (v4 and v6) point at lb1 now; only keepalived's gratuitous
+    # ARP / unsolicited NA can point them at lb2 in time for the requests below.
+    assert_served(farm_lab, "lb1")
+    assert farm_lab.ping("client", VIP6)
+    nftsync(farm_lab, "lb1", "sessions", "flush")
     took = ha.timed_move("stop", "lb1")
     print(f"\nVIP move after stopping keepalived on the MASTER: {took * 1000:.0f} ms "
           f"(advert_int {ha.advert_int} s)")
@@ -99,9 +104,12 @@ def test_graceful_stop_moves_the_vip(ha: Ha, farm_lab: Lab):
     assert ha.state("lb2") == "MASTER"
     assert_served(farm_lab, "lb2")
     assert sessions(farm_lab, "lb1") == {}
+    assert farm_lab.ping("client", VIP6)
+    assert farm_lab.ping("be1", client6(1))  # backend -> client through the moved v6 gateway
 
 
 def test_node_crash_moves_the_vip_and_it_does_not_come_back(ha: Ha, farm_lab: Lab):
+    assert_served(farm_lab, "lb1")
     took = ha.timed_move("kill", "lb1")
     print(f"\nVIP move after killing the MASTER node: {took * 1000:.0f} ms "
           f"(advert_int {ha.advert_int} s)")
@@ -376,3 +384,21 @@ def test_crash_of_the_active_node_is_invisible_to_clients(tmp_path: Path):
             pair.down()
         finally:
             lab.down()
+
+
+@pytest.mark.slow
+def test_repeated_failovers_back_and_forth(ha: Ha, farm_lab: Lab):
+    """Ten crashes in a row, alternating nodes: every time exactly one node ends up with the VIP
+    and serves; the returning node always stays BACKUP."""
+    times = []
+    for _ in range(10):
+        master = ha.owner()
+        assert master in ("lb1", "lb2")
+        peer = "lb2" if master == "lb1" else "lb1"
+        times.append(ha.timed_move("kill", master))
+        assert_only_owner(ha, peer)
+        nftsync(farm_lab, peer, "sessions", "flush")
+        assert_served(farm_lab, peer, SOURCES[:3])
+        ha.start(master)
+        assert ha.state(master) == "BACKUP"
+    print(f"\nVIP move after a crash, 10 runs: {sorted(round(t * 1000) for t in times)} ms")

@@ -58,7 +58,7 @@ from nftsync.tables.nftmap import NftSessionMap
 from .farms import FarmView, ReplicatedMap
 from .mirror import UNVERIFIED, Table, now_ms
 from .peer import PeerLink, record_key
-from .sink import CtSink, ElementOp, NftSink
+from .sink import CtSink, ElementOp, KernelWriter, NftSink
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -95,14 +95,18 @@ class Daemon:
         self._reconcile_maps = False
         self._snapshotted: set[int] = set()  # origins whose snapshot completed since start
         self.nft = Nft()
-        self.nft_sink = NftSink(self.nft)
+        # The sink's own libnftables context: its writes run in the kernel writer thread.
+        self.nft_sink = NftSink()
         self.ct_sink: CtSink | None = None
+        self.kernel: KernelWriter | None = None
         self._tasks: list[asyncio.Task] = []
 
     # == life cycle ===========================================================================
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.ct_sink = CtSink()
+        self.kernel = KernelWriter(loop)
+        self.nft_sink.writer = self.kernel
+        self.ct_sink = CtSink(self.kernel)
         self._ct_events = CtEventSocket(marks=(), ignore_portids={self.ct_sink.portid})
         self._nft_events = NftEventSocket()
         self._load_farms()
@@ -147,6 +151,8 @@ class Daemon:
                 with contextlib.suppress(ValueError, OSError):  # already removed / closed
                     loop.remove_reader(sock.fileno())
                 sock.close()
+        if self.kernel is not None:
+            self.kernel.close()
         if self.ct_sink is not None:
             self.ct_sink.close()
 
@@ -412,6 +418,11 @@ class Daemon:
             applied += len(ct_ops)
         return applied, rejected
 
+    async def kernel_room(self) -> None:
+        """Wait while the kernel writer is far behind (back-pressure on the peer's stream)."""
+        if self.kernel is not None:
+            await self.kernel.wait_room()
+
     def snapshot_done(self, link: PeerLink, since: float) -> int:
         """Mark and sweep after a complete snapshot from `link`'s node."""
         origin = link.node_id
@@ -616,7 +627,8 @@ class Daemon:
             "counters": dict(self.counters),
             "sessions": sessions, "conntrack": len(self.conntrack),
             "kernel": {"nft": _stats(self.nft_sink.stats),
-                       "conntrack": _stats(self.ct_sink.stats) if self.ct_sink else None},
+                       "conntrack": _stats(self.ct_sink.stats) if self.ct_sink else None,
+                       "queued": self.kernel.queued if self.kernel else 0},
             "events": {
                 "conntrack": _stats(self._ct_events.stats) if self._ct_events else None,
                 "nftables": _stats(self._nft_events.stats) if self._nft_events else None},

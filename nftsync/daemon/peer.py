@@ -281,6 +281,7 @@ class PeerLink:
                                                 f"expected seq {self.recv_seq + 1}, got {msg.seq}"))
                 self.recv_seq = msg.seq
                 self._apply(msg.records, in_snapshot=False)
+                await self.daemon.kernel_room()
                 frames_since_ack += 1
                 if frames_since_ack >= ACK_EVERY_FRAMES or \
                         time.monotonic() - last_ack >= ACK_EVERY_S:
@@ -299,6 +300,7 @@ class PeerLink:
                     continue
                 self.snap_count += len(msg.records)
                 self._apply(msg.records, in_snapshot=True)
+                await self.daemon.kernel_room()
             elif isinstance(msg, SnapshotEnd):
                 if msg.epoch != self.snap_epoch or msg.count != self.snap_count:
                     self.snap_epoch = None

@@ -8,12 +8,19 @@ path added a key we had not heard of yet, or the kernel expired one) the transac
 whole and is retried element by element, so one surprise never loses the rest of the batch.
 
 Conntrack entries go through `CtWriter` (ctnetlink messages built by hand, many per sendmsg).
+
+Both sinks can hand their writes to one `KernelWriter` thread: the kernel work (the nft commit,
+the conntrack inserts inside sendmsg) then runs while the event loop decodes the next frames, as
+libnftables (ctypes) and socket calls release the GIL. Writes stay in submission order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nftsync.errors import NftsyncError
@@ -36,6 +43,66 @@ class SinkStats:
     errors: dict[str, int] = field(default_factory=dict)
 
 
+class KernelWriter:
+    """One worker thread that performs the sinks' kernel writes in submission order.
+
+    `submit` never blocks; the event loop calls `wait_room()` after submitting a frame's worth,
+    which waits while more than `high` changes are queued, so a slow kernel slows the peer's
+    TCP stream down instead of growing the queue without bound.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, high: int = 40_000,
+                 low: int = 10_000) -> None:
+        self.loop = loop
+        self.high, self.low = high, low
+        self.queued = 0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._waiting = False
+        self.thread = threading.Thread(target=self._run, name="nftsync-kernel", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., None], count: int, *args: object) -> None:
+        with self._lock:
+            self.queued += count
+        self._jobs.put((fn, count, args))
+
+    async def wait_room(self) -> None:
+        with self._lock:
+            if self.queued <= self.high:
+                return
+            self._waiting = True
+            self._room.clear()
+        await self._room.wait()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, count, args = job
+            try:
+                fn(*args)
+            except Exception:  # a bug must not kill the writer: log it, keep writing
+                log.exception("kernel write failed")
+            with self._lock:
+                self.queued -= count
+                wake = self._waiting and self.queued <= self.low
+                if wake:
+                    self._waiting = False
+            if wake:
+                self.loop.call_soon_threadsafe(self._room.set)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued (bounded by `timeout`), then stop the thread."""
+        self._jobs.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("kernel writer: %d change(s) still queued at shutdown", self.queued)
+
+
 @dataclass(slots=True)
 class ElementOp:
     key: bytes
@@ -52,15 +119,25 @@ class NftSink:
     """Applies element changes to session maps. Our own transactions are recognised in the nft
     event stream by the committing thread id (NEWGEN pid), which `thread_id` records."""
 
-    def __init__(self, nft: Nft | None = None) -> None:
+    def __init__(self, nft: Nft | None = None, writer: KernelWriter | None = None) -> None:
+        # With a writer the context is used by its thread only: never share it (libnftables
+        # contexts are not thread-safe).
         self.nft = nft or Nft()
         self.refresh_in_place = kernel_refreshes_expiry()
         self.stats = SinkStats()
         self.thread_ids: set[int] = set()
+        self.writer = writer
 
     def apply(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
+        """Write `ops` now, or queue them for the writer thread if there is one."""
         if not ops:
             return
+        if self.writer is not None:
+            self.writer.submit(self._apply_now, len(ops), rmap, ops)
+            return
+        self._apply_now(rmap, ops)
+
+    def _apply_now(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
         self.thread_ids.add(threading.get_native_id())
         cmds = self._commands(rmap, ops)
         try:
@@ -140,18 +217,34 @@ def _element(text: str, op: ElementOp, map_timeout: int | None) -> str:
 class CtSink:
     """Applies conntrack upserts/deletes through one batched ctnetlink writer."""
 
-    def __init__(self) -> None:
-        self.writer = CtWriter()
+    def __init__(self, writer: KernelWriter | None = None) -> None:
+        self.ct_writer = CtWriter()
         self.stats = SinkStats()
+        self.writer = writer
 
     @property
     def portid(self) -> int:
-        return self.writer.portid
+        return self.ct_writer.portid
 
     def apply(self, ops: list[tuple[str, CtEntry]]) -> None:
+        """Write `ops` now, or queue them for the writer thread if there is one."""
         if not ops:
             return
-        res = self.writer.apply(ops)
+        if self.writer is not None:
+            self.writer.submit(self._apply_queued, len(ops), ops)
+            return
+        self._apply_now(ops)
+
+    def _apply_queued(self, ops: list[tuple[str, CtEntry]]) -> None:
+        try:
+            self._apply_now(ops)
+        except NftsyncError as exc:  # e.g. no ACK from the kernel: these changes are lost
+            self.stats.failed += len(ops)
+            self.stats.last_error = f"conntrack write: {exc}"
+            log.warning("%s", self.stats.last_error)
+
+    def _apply_now(self, ops: list[tuple[str, CtEntry]]) -> None:
+        res = self.ct_writer.apply(ops)
         self.stats.transactions += 1
         self.stats.applied += res.applied
         real = res.failed  # deletes of absent entries are counted apart, not as failures
@@ -163,4 +256,4 @@ class CtSink:
                         self.stats.last_error)
 
     def close(self) -> None:
-        self.writer.close()
+        self.ct_writer.close()

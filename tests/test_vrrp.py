@@ -376,6 +376,7 @@ def test_crash_of_the_active_node_is_invisible_to_clients(tmp_path: Path):
         pair.wait_notified("lb2", "MASTER")
         assert pair.notify_calls("lb2")[-1].action == "promote"
         assert pair.notify_calls("lb2")[-1].outcome.startswith("ok"), pair.notify_calls("lb2")
+        print(f"lb2 notify: promote {pair.notify_calls('lb2')[-1].outcome}")
         assert d2.ctl("status")["role"] == "active"
     finally:
         for d in daemons:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 UNVERIFIED = 0
 TOMBSTONE_S = 120.0  # how long a delete is remembered
-SWEEP_BUDGET = 50_000  # entries looked at per expiry sweep (one per second): a 1M table in 20 s
+SWEEP_BUDGET = 10_000  # entries looked at per sweep slice (~2.5 ms; 5 slices/s: 1M in 20 s)
 
 
 def now_ms() -> int:

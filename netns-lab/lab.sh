@@ -356,10 +356,26 @@ cmd_down() {
     teardown
 }
 
+# keepalived pid of NODE (from ha.sh's "pid starttime" file) when that process still runs.
+ha_keepalived_pid() { # node
+    local f="$STATE/ha/$1.keepalived" pid start
+    [[ -f "$f" ]] || return 1
+    read -r pid start <"$f" || return 1
+    pid_is_ours "$pid" "$start" || return 1
+    echo "$pid"
+}
+
 cmd_vip() {
-    local target=${1:-}
+    local target=${1:-} n pid
     [[ "$target" =~ ^(lb1|lb2|none)$ ]] || die "vip needs lb1, lb2 or none, got '$target'"
     require_up
+    # keepalived owns the VIP while it runs: a manual move would be undone (or fought) by VRRP and
+    # leave both nodes holding the address.
+    for n in lb1 lb2; do
+        if pid=$(ha_keepalived_pid "$n"); then
+            die "keepalived runs on $n (pid $pid) and owns the VIP; use netns-lab/ha.sh (stop/kill) or 'ha.sh down' first"
+        fi
+    done
     local n
     for n in lb1 lb2; do
         [[ "$n" == "$target" ]] || drop_vip "$n"
@@ -411,6 +427,10 @@ cmd_status() {
         fi
     done <"$STATE/pids"
     echo "  namespaces: $(lab_namespaces | tr '\n' ' ')"
+    if [[ -d "$STATE/ha" ]]; then
+        # keepalived's view (who is MASTER), when ha.sh has been used in this lab.
+        LAB="$LAB" "$HERE/ha.sh" status | sed 's/^/  /' || echo "  (ha.sh status failed)"
+    fi
 }
 
 cmd_exec() {

@@ -262,6 +262,11 @@ class Lab:
             self.nft(node, "flush", "ruleset")
             self.exec(node, "conntrack", "-F")
 
+    @property
+    def state_dir(self) -> Path:
+        """The lab's state directory (/run/nftsync-lab/PREFIX): pids, logs, ha/, daemon sockets."""
+        return STATE_ROOT / self.prefix
+
     def status(self) -> str:
         return lab_sh(self.prefix, "status").stdout
 

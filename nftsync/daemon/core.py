@@ -57,6 +57,7 @@ from nftsync.ruleset import current_farms
 from nftsync.tables.nftmap import NftSessionMap
 
 from .farms import FarmView, ReplicatedMap
+from .legacy import LegacyMap, load_legacy_maps
 from .mirror import UNVERIFIED, Table, now_ms
 from .peer import PeerLink, record_key
 from .sink import CtSink, ElementOp, KernelWriter, NftSink
@@ -103,6 +104,7 @@ class Daemon:
         self.nft_sink = NftSink()
         self.ct_sink: CtSink | None = None
         self.kernel: KernelWriter | None = None
+        self.legacy: dict[str, LegacyMap] = {}  # map_id -> xt_recent table of a legacy farm
         self._tasks: list[asyncio.Task] = []
 
     # == life cycle ===========================================================================
@@ -114,6 +116,7 @@ class Daemon:
         self._ct_events = CtEventSocket(marks=(), ignore_portids={self.ct_sink.portid})
         self._nft_events = NftEventSocket()
         self._load_farms()
+        self._load_legacy()
         self._initial_dump()
         loop.add_reader(self._ct_events.fileno(), self._on_ct_events)
         loop.add_reader(self._nft_events.fileno(), self._on_nft_events)
@@ -177,11 +180,47 @@ class Daemon:
         log.info("farms: %s", ", ".join(f"{n} ({len(f.backends)} backends)"
                                         for n, f in self.view.farms.items()) or "none")
 
+    def _load_legacy(self) -> None:
+        self.legacy = load_legacy_maps(self.config.legacy_farms)
+        for map_id in self.legacy:
+            self.sessions.setdefault(map_id, Table(map_id))
+        if self.legacy:
+            log.info("legacy xt_recent tables: %s", ", ".join(
+                lm.table.name for lm in self.legacy.values()))
+
+    def _target(self, map_id: str) -> ReplicatedMap | LegacyMap | None:
+        """Where records of `map_id` go: an nft session map, or a legacy xt_recent table."""
+        return self.view.maps.get(map_id) or self.legacy.get(map_id)
+
+    def _write(self, target: ReplicatedMap | LegacyMap, ops: list[ElementOp]) -> None:
+        if isinstance(target, LegacyMap):
+            target.apply(ops)  # small /proc writes: done here, folded into the next poll
+        else:
+            self.nft_sink.apply(target, ops)
+
+    def _poll_legacy(self, origin: int) -> None:
+        """xt_recent raises no events: what changed since the last poll is a local change."""
+        now = time.monotonic()
+        for map_id, lm in self.legacy.items():
+            table = self.sessions[map_id]
+            for ch in lm.read():
+                if ch.mark is None:
+                    e = table.local_delete(ch.key, origin)
+                    if e is not None:
+                        self._enqueue(SessionRecord(OP_DELETE, map_id, ch.key, 0, 0,
+                                                    e.updated_ms, origin))
+                    continue
+                e = table.local_set(ch.key, ch.mark, now + ch.remaining_ms / 1000, origin)
+                self.counters["learned_sessions"] += 1
+                if origin == self.node_id:
+                    self._enqueue_session(map_id, ch.key, e)
+
     def _initial_dump(self) -> None:
         """The only full read of the kernel: what is there now becomes the mirror's start."""
         origin = self.node_id if self.role == "active" else UNVERIFIED
         for rmap in self.view.maps.values():
             self._dump_map(rmap, origin)
+        self._poll_legacy(origin)
         if self.config.conntrack:
             self._dump_conntrack(origin)
 
@@ -356,7 +395,7 @@ class Daemon:
         now = time.monotonic()
         out: list[Record] = []
         for map_id, table in self.sessions.items():
-            if map_id not in self.view.maps:
+            if self._target(map_id) is None:
                 continue
             for key, e in table.items_of(origins):
                 if e.alive:
@@ -380,7 +419,7 @@ class Daemon:
         me = self.node_id
         for r in records:
             if isinstance(r, SessionRecord):
-                rmap = self.view.maps.get(r.map_id)
+                rmap = self._target(r.map_id)
                 if rmap is None or not rmap.key_valid(r.key):
                     self.counters["unknown_map"] += 1
                     rejected += 1
@@ -415,8 +454,10 @@ class Daemon:
                 ct_ops.append(("upsert" if value is not None else "delete", ct))
         applied = 0
         for map_id, ops in by_map.items():
-            self.nft_sink.apply(self.view.maps[map_id], ops)
-            applied += len(ops)
+            target = self._target(map_id)
+            if target is not None:
+                self._write(target, ops)
+                applied += len(ops)
         if ct_ops and self.ct_sink is not None:
             self.ct_sink.apply(ct_ops)
             applied += len(ct_ops)
@@ -443,12 +484,12 @@ class Daemon:
     def _sweep(self, origin: int, since: float) -> int:
         n = 0
         for map_id, table in self.sessions.items():
-            rmap = self.view.maps.get(map_id)
+            rmap = self._target(map_id)
             keys = table.stale(origin, since)
             if not keys or rmap is None:
                 continue
             ops = [ElementOp(k, None, 0, table.pop(k).value) for k in keys]
-            self.nft_sink.apply(rmap, ops)
+            self._write(rmap, ops)
             n += len(keys)
         keys = self.conntrack.stale(origin, since)
         if keys and self.ct_sink is not None:
@@ -571,6 +612,8 @@ class Daemon:
         gc.freeze()
 
     def _tick(self) -> None:
+        if self.legacy:
+            self._poll_legacy(self.node_id)
         if self._reload_farms:
             self._reload_farms = False
             before = set(self.view.maps)
@@ -623,14 +666,15 @@ class Daemon:
             elif lk.state == "up" and lk.unacked_age() > self.config.stall_after:
                 reasons.append(f"peer {lk.name} has not acknowledged updates for "
                                f"{lk.unacked_age():.0f}s (sync stalled)")
-        if not self.view.farms:
+        if not self.view.farms and not self.legacy:
             reasons.append("no nftsync farm is loaded")
         if self.nft_sink.stats.failed or (self.ct_sink and self.ct_sink.stats.failed):
             reasons.append("some replicated changes could not be applied to the kernel "
                            "(see stats)")
         if not reasons:
             return "ok", []
-        failing = (self.config.peers and not up and not grace) or not self.view.farms
+        failing = (self.config.peers and not up and not grace) or \
+            (not self.view.farms and not self.legacy)
         return ("failing" if failing else "degraded"), reasons
 
     def status(self) -> dict:
@@ -701,25 +745,29 @@ class Daemon:
     def show(self, farm: str | None = None, limit: int = 100) -> dict:
         now = time.monotonic()
         out: dict[str, Any] = {"farms": {}, "conntrack": len(self.conntrack)}
-        for map_id, rmap in sorted(self.view.maps.items()):
-            if farm is not None and rmap.smap.farm != farm:
+        shown: list[tuple[str, str, ReplicatedMap | LegacyMap]] = \
+            [(r.smap.farm, r.smap.role.value, r) for r in self.view.maps.values()] + \
+            [(lm.farm.name, f"recent {lm.table.name}", lm) for lm in self.legacy.values()]
+        for farm_name, section, target in sorted(shown, key=lambda t: (t[0], t[1])):
+            if farm is not None and farm_name != farm:
                 continue
-            table = self.sessions[map_id]
+            table = self.sessions[target.map_id]
             rows = []
             for key, e in table.entries.items():
                 if not e.alive:
                     continue
                 if len(rows) >= limit:
                     break
-                rows.append({"client": rmap.key_text(key), "backend": f"{e.value:#x}",
+                rows.append({"client": target.key_text(key), "backend": f"{e.value:#x}",
                              "expires_s": None if e.expires_at is None else
                              round(e.expires_at - now, 1), "origin": e.origin,
                              "updated_ms": e.updated_ms})
-            out["farms"].setdefault(rmap.smap.farm, {})[rmap.smap.role.value] = {
-                "count": len(table), "entries": rows}
+            out["farms"].setdefault(farm_name, {})[section] = {"count": len(table),
+                                                               "entries": rows}
         if farm is not None and not out["farms"]:
+            known = sorted({f for f, _, _ in shown})
             raise NftsyncError(f"no replicated farm {farm!r} (farms: "
-                               f"{', '.join(sorted(self.view.farms)) or 'none'})")
+                               f"{', '.join(known) or 'none'})")
         return out
 
     async def reload(self, config: DaemonConfig) -> dict:

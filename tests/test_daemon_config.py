@@ -288,6 +288,7 @@ def test_cli_check_prints_effective_config(tmp_path: Path, key: Path) -> None:
 
 
 EXAMPLE = Path(__file__).parent.parent / "contrib" / "nftsync.toml.example"
+LEGACY_EXAMPLE = Path(__file__).parent.parent / "compat" / "farms" / "legacy-farm.toml"
 
 
 def test_example_documents_every_key_and_is_valid(tmp_path: Path, key: Path) -> None:
@@ -302,10 +303,13 @@ def test_example_documents_every_key_and_is_valid(tmp_path: Path, key: Path) -> 
             line = line[1:]
         if line.startswith("key_file = "):
             line = f'key_file = "{key}"'
+        if line.startswith("legacy_farms = "):
+            line = f'legacy_farms = ["{LEGACY_EXAMPLE}"]'
         lines.append(line)
     c = load_config(str(write(tmp_path, "\n".join(lines))), {})
     assert c.peers == [PeerConfig("10.0.0.2", 7777), PeerConfig("fd00:10::3", 7777)]
     assert c.farms == ["web", "mail"] and c.node_name == "lb1" and c.node_id == 1
+    assert c.legacy_farms == [str(LEGACY_EXAMPLE)]
     # and the example as shipped (only key_file set) loads too
     shipped = text.replace('key_file = "/etc/nftsync/key"', f'key_file = "{key}"')
     assert load_config(str(write(tmp_path, shipped, "shipped.toml")), {}).role == "backup"
@@ -327,3 +331,18 @@ def test_config_file_must_not_be_writable_by_others(tmp_path: Path, key: Path) -
 def test_own_address_is_not_a_peer(tmp_path: Path, key: Path) -> None:
     assert _err(tmp_path, 'key_file = "key"\nlisten = "10.0.0.1:7777"\npeers = ["10.0.0.1"]\n') \
         == "T/nftsync.toml: peers: 10.0.0.1:7777 is this node's own listen address"
+
+
+def test_legacy_farm_files_are_checked_at_load(tmp_path: Path, key: Path) -> None:
+    """A legacy farm file that is missing or malformed stops the daemon at start, by name."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[farm]\nname = "x"\n')
+    for value, msg in ((str(tmp_path / "nope.toml"), "No such file"), (str(bad), "bad.toml")):
+        path = write(tmp_path, f'key_file = "{key}"\nlegacy_farms = ["{value}"]\n')
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert "legacy_farms[0]" in str(info.value) and msg in str(info.value)
+    # Relative names are relative to the config file, like key_file.
+    (tmp_path / "ok.toml").write_text(LEGACY_EXAMPLE.read_text())
+    path = write(tmp_path, f'key_file = "{key}"\nlegacy_farms = ["ok.toml"]\n')
+    assert load_config(str(path), {}).legacy_farms == [str((tmp_path / "ok.toml").resolve())]

@@ -375,11 +375,14 @@ def _legacy_farms(v: _Value) -> list[str]:
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item:
             raise ConfigError(f"{v.where}[{i}]: must be a file name")
+        path = Path(item)
+        if not path.is_absolute() and v.base is not None:
+            path = v.base / path  # like key_file: relative to the config file
         try:
-            load_farm(item)
+            load_farm(path)
         except NftsyncError as exc:
             raise ConfigError(f"{v.where}[{i}]: {exc}") from None
-        out.append(os.path.abspath(item))
+        out.append(str(path.resolve()))
     return out
 
 

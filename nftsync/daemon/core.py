@@ -60,7 +60,14 @@ from .farms import FarmView, ReplicatedMap
 from .legacy import LegacyMap, load_legacy_maps
 from .mirror import UNVERIFIED, Table, now_ms
 from .peer import PeerLink, record_key
-from .sink import CtSink, ElementOp, KernelWriter, NftSink
+from .sink import (
+    CtSink,
+    ElementOp,
+    KernelWriter,
+    NftSink,
+    attach_echo_filter,
+    detach_echo_filter,
+)
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -99,6 +106,7 @@ class Daemon:
         self._reconcile_maps = False
         self._snapshotted: set[int] = set()  # origins whose snapshot completed since start
         self._last_full_gc = time.monotonic()
+        self._echo_filter: object | None = None  # BPF program dropping our own nft events
         self.nft = Nft()
         # The sink's own libnftables context: its writes run in the kernel writer thread.
         self.nft_sink = NftSink()
@@ -115,6 +123,9 @@ class Daemon:
         self.ct_sink = CtSink(self.kernel)
         self._ct_events = CtEventSocket(marks=(), ignore_portids={self.ct_sink.portid})
         self._nft_events = NftEventSocket()
+        if self.nft_sink.portid is not None:
+            self._echo_filter = attach_echo_filter(self._nft_events.fileno(),
+                                                   self.nft_sink.portid)
         self._load_farms()
         self._load_legacy()
         self._initial_dump()
@@ -612,6 +623,12 @@ class Daemon:
         gc.freeze()
 
     def _tick(self) -> None:
+        if self._echo_filter is not None and not self.nft_sink.echo_filter_valid():
+            # libnftables replaced its socket: its port id is no longer ours to filter on.
+            assert self._nft_events is not None
+            detach_echo_filter(self._nft_events.fileno())
+            self._echo_filter = None
+            log.warning("nft events of our own writes are no longer dropped in the kernel")
         if self.legacy:
             self._poll_legacy(self.node_id)
         if self._reload_farms:

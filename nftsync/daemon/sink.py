@@ -17,8 +17,12 @@ libnftables (ctypes) and socket calls release the GIL. Writes stay in submission
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import queue
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,11 +126,44 @@ class NftSink:
     def __init__(self, nft: Nft | None = None, writer: KernelWriter | None = None) -> None:
         # With a writer the context is used by its thread only: never share it (libnftables
         # contexts are not thread-safe).
+        before = _netlink_inodes()
         self.nft = nft or Nft()
         self.refresh_in_place = kernel_refreshes_expiry()
         self.stats = SinkStats()
         self.thread_ids: set[int] = set()
         self.writer = writer
+        self.portid: int | None = None
+        self._sock: tuple[int, int] | None = None  # (fd, inode) of the context's socket
+        if nft is None:
+            self._find_portid(before)
+
+    def _find_portid(self, before: dict[int, int]) -> None:
+        """The netlink port id of our libnftables context's socket: our transactions' events
+        carry it in their headers, so the event socket can drop them in the kernel (see
+        `echo_filter`). libnftables does not expose its socket: it is the netfilter socket that
+        appeared with the context; it gets its port id when it first sends (autobind).
+        None when that cannot be told for sure (then events are told apart by thread id)."""
+        try:
+            self.nft.cmd("list tables")
+            ports = _netfilter_ports()
+        except (NftsyncError, OSError):
+            return
+        new = {fd: ino for fd, ino in _netlink_inodes().items() if fd not in before}
+        mine = [(fd, ino) for fd, ino in new.items() if ports.get(ino)]
+        if len(mine) == 1:
+            self._sock = mine[0]
+            self.portid = ports[mine[0][1]]
+
+    def echo_filter_valid(self) -> bool:
+        """Whether the socket the port id was read from is still the context's (a reopened
+        socket would have another port id, and the old one could be reused by anyone)."""
+        if self._sock is None:
+            return False
+        fd, ino = self._sock
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{ino}]"
+        except OSError:
+            return False
 
     def apply(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
         """Write `ops` now, or queue them for the writer thread if there is one."""
@@ -257,3 +294,71 @@ class CtSink:
 
     def close(self) -> None:
         self.ct_writer.close()
+
+
+# --- our own transactions' events, dropped in the kernel ----------------------------------------
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+NETLINK_NETFILTER = 12
+
+
+def _fd_links() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return out
+
+
+def _netlink_inodes() -> dict[int, int]:
+    """fd -> socket inode of this process's sockets."""
+    return {fd: int(link[8:-1]) for fd, link in _fd_links().items()
+            if link.startswith("socket:[")}
+
+
+def _netfilter_ports() -> dict[int, int]:
+    """socket inode -> port id of the NETLINK_NETFILTER sockets in our network namespace."""
+    out = {}
+    with open("/proc/self/net/netlink") as fh:
+        next(fh, None)
+        for line in fh:
+            f = line.split()
+            if len(f) >= 10 and f[1] == str(NETLINK_NETFILTER):
+                out[int(f[9])] = int(f[2])
+    return out
+
+
+def attach_echo_filter(sock_fd: int, portid: int) -> ctypes.Array:
+    """Classic BPF on the nft event socket: drop datagrams whose first message was sent by
+    `portid`. nf_tables puts the sender's port id in every notification of a transaction and
+    never mixes transactions in one datagram, so this drops exactly our own writes' echo
+    (1M elements written = 1M events to decode, and an overrun of the event socket).
+    Returns the filter buffer (keep it alive while attached)."""
+    # BPF absolute loads are big endian; nlmsg_pid (offset 12) is host order.
+    k = int.from_bytes(portid.to_bytes(4, "little" if _LITTLE else "big"), "big")
+    insns = [(0x20, 0, 0, 12),  # ld [12]
+             (0x15, 0, 1, k),  # jeq #k, drop, accept
+             (0x06, 0, 0, 0),  # ret #0: drop
+             (0x06, 0, 0, 0xFFFFFFFF)]  # ret #-1: accept
+    prog = b"".join(struct.pack("=HBBI", *i) for i in insns)
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("@HP", len(insns), ctypes.addressof(buf))
+    sock = socket.socket(fileno=os.dup(sock_fd))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    finally:
+        sock.close()
+    return buf
+
+
+def detach_echo_filter(sock_fd: int) -> None:
+    sock = socket.socket(fileno=os.dup(sock_fd))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    finally:
+        sock.close()
+
+
+_LITTLE = struct.pack("=H", 1) == b"\x01\x00"

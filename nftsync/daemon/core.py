@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from nftsync.daemon.config import DaemonConfig
@@ -58,7 +59,7 @@ from nftsync.tables.nftmap import NftSessionMap
 
 from .farms import FarmView, ReplicatedMap
 from .legacy import LegacyMap, load_legacy_maps
-from .mirror import UNVERIFIED, Table, now_ms
+from .mirror import UNVERIFIED, Entry, Table, now_ms
 from .peer import PeerLink, record_key
 from .sink import (
     CtSink,
@@ -400,26 +401,46 @@ class Daemon:
     def _all_links(self) -> list[PeerLink]:
         return [*self.links.values(), *self.inbound]
 
-    def snapshot_records(self, peer_id: int | None) -> list[Record]:
-        """Everything this node originated, plus what it holds of the peer's own origin."""
+    def snapshot_records(self, peer_id: int | None, chunk: int = 4000) -> Iterator[list[Record]]:
+        """Everything this node originated, plus what it holds of the peer's own origin, in
+        chunks of records.
+
+        The tables' items are copied here, synchronously (a point in time: entries are replaced
+        on change, never edited); the records are built lazily, chunk by chunk, so a sender
+        can stream a 1M-entry snapshot without stalling the event loop for seconds (building
+        all records at once took ~2 s, long enough to make peers time out and reconnect).
+        """
         origins = {self.node_id} | ({peer_id} if peer_id else set())
-        now = time.monotonic()
+        parts = [(map_id, list(table.items_of(origins)))
+                 for map_id, table in self.sessions.items() if self._target(map_id) is not None]
+        cts = list(self.conntrack.items_of(origins)) if self.config.conntrack else []
+        return self._snapshot_chunks(parts, cts, chunk)
+
+    def _snapshot_chunks(self, parts: list[tuple[str, list[tuple[object, Entry]]]],
+                         cts: list[tuple[object, Entry]], chunk: int) -> Iterator[list[Record]]:
         out: list[Record] = []
-        for map_id, table in self.sessions.items():
-            if self._target(map_id) is None:
-                continue
-            for key, e in table.items_of(origins):
-                if e.alive:
+        for map_id, items in parts:
+            now = time.monotonic()
+            for key, e in items:
+                if e.value is not None:
                     out.append(SessionRecord(OP_ADD, map_id, key, e.value, e.remaining_ms(now),
                                              e.updated_ms, e.origin))
-        if self.config.conntrack:
-            for _key, e in self.conntrack.items_of(origins):
-                if e.alive:
-                    ct: CtEntry = e.value
-                    ct.timeout = max(1, int(e.expires_at - now)) if e.expires_at else ct.timeout
-                    out.append(ConntrackRecord(OP_UPSERT, e.origin, e.updated_ms,
-                                               ct.to_bytes()))
-        return out
+                    if len(out) >= chunk:
+                        yield out
+                        out = []
+                        now = time.monotonic()
+        now = time.monotonic()
+        for _key, e in cts:
+            if e.value is not None:
+                ct: CtEntry = e.value
+                ct.timeout = max(1, int(e.expires_at - now)) if e.expires_at else ct.timeout
+                out.append(ConntrackRecord(OP_UPSERT, e.origin, e.updated_ms, ct.to_bytes()))
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+                    now = time.monotonic()
+        if out:
+            yield out
 
     # == applying peers' records ==============================================================
     def apply_remote(self, records: list[Record]) -> tuple[int, int]:

@@ -247,15 +247,16 @@ class PeerLink:
         me = self.daemon.node_id
         epoch = max(now_ms(), getattr(self, "_last_epoch", 0) + 1)
         self._last_epoch = epoch
-        # Whatever was queued is contained in the snapshot.
+        # Whatever was queued is contained in the snapshot (its items are copied right here,
+        # with no await in between; later changes queue up and follow as updates).
         self.pending.clear()
-        records = self.daemon.snapshot_records(self.node_id)
+        chunks = self.daemon.snapshot_records(self.node_id, SNAPSHOT_CHUNK)
         await ch.send(SnapshotBegin(epoch, me))
         sent = 0
-        for i in range(0, len(records), SNAPSHOT_CHUNK):
-            batch = records[i:i + SNAPSHOT_CHUNK]
+        for batch in chunks:
             await ch.send_many([SnapshotChunk(epoch, c) for c in split_records(batch)])
             sent += len(batch)
+            await asyncio.sleep(0)  # the loop's other work between chunks, even when unpaused
         await ch.send(SnapshotEnd(epoch, me, sent))
         self.stats.sent += sent
         self.stats.snapshots_sent += 1

@@ -292,7 +292,9 @@ def test_200_clients_keep_their_backend_when_the_active_node_crashes(cluster: Cl
              "200 sessions replicated into lb2's kernel map")
 
     took = ha.timed_move("kill", "lb1")
-    print(f"\nVIP move after the crash of lb1: {took * 1000:.0f} ms")
+    # timed_move includes ha.sh kill's reaping (lb1 lists the VIP until then); the network-side
+    # move time is what benchmarks/bench_failover.py measures.
+    print(f"\nVIP on lb2 alone {took * 1000:.0f} ms after `ha.sh kill lb1` started")
     assert ha.owner() == "lb2"
     # keepalived told lb2's daemon it is the active node now.
     ha.wait_notified("lb2", "MASTER")

@@ -43,8 +43,18 @@ class DaemonProc:
         logf = open(self.log, "a")  # noqa: SIM115 - owned by the child for its lifetime
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
         logf.close()
-        self.wait(lambda: self.socket.exists(), 15, "control socket")
+        # Not just "the socket file exists": after a crash a stale one is left behind.
+        self.wait(self._answers, 15, "the control socket to answer for this process")
         return self
+
+    def _answers(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            status = self.ctl("status")
+        except (AssertionError, ValueError):
+            return False
+        return isinstance(status, dict) and status.get("pid") == self.proc.pid
 
     def ctl(self, *args: str, check: bool = True) -> dict | list:
         p = subprocess.run([sys.executable, "-m", "nftsync", "ctl", "--socket", str(self.socket),

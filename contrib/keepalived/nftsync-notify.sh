@@ -152,6 +152,9 @@ fi
 
 # shellcheck disable=SC2206 # NFTSYNC_CMD is a command line on purpose ("python3 -m nftsync").
 cmd=($NFTSYNC_CMD ctl --socket "$NFTSYNC_SOCKET" "$action")
+# Say what is being done before doing it: keepalived kills notify scripts that outlive its own
+# shutdown (~1 s), and a STOP notification must leave a trace even then.
+log "begin: $TYPE $NAME $STATE $PRIO -> $action (calling nftsync ctl)"
 start=$(date +%s%N)
 out=$(NFTSYNC_SOCKET="$NFTSYNC_SOCKET" timeout -k 1 "$NFTSYNC_NOTIFY_TIMEOUT" "${cmd[@]}" 2>&1)
 rc=$?

@@ -13,6 +13,7 @@ from nftsync.cli import common
 
 
 @click.group(
+    cls=common.LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="nftsync")
@@ -27,5 +28,3 @@ def main() -> None:
     Most commands need root (they talk to the kernel over netlink) and accept --json.
     """
 
-
-common.register(main)

@@ -50,7 +50,7 @@ import netns  # noqa: E402
 from daemons import SYNC4, DaemonProc, make_key, wait_for  # noqa: E402
 from ha import Ha  # noqa: E402
 from helpers import RULESETS, map_elements, reset_node  # noqa: E402
-from lab import STREAM_PORT, VIP4, Lab, client4  # noqa: E402
+from lab import CLIENT_PY, STREAM_PORT, VIP4, Lab, client4  # noqa: E402
 
 NODES = ("lb1", "lb2")
 PEER = {"lb1": "lb2", "lb2": "lb1"}
@@ -59,26 +59,6 @@ PROBE_SECONDS = 7.0
 PROBE_SRC = 250
 STREAM_SRC0 = 200      # streams from 10.10.1.201 ...
 PROMOTE_RE = re.compile(r"ok \((\d+) ms\)")
-
-# One short request every ~10 ms; each result with its wall-clock start/end, so the gap can be set
-# against the moment of the kill. Bounded in count and time.
-PROBER = r"""
-import json, socket, sys, time
-vip, src, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-out, end = [], time.monotonic() + seconds
-while time.monotonic() < end and len(out) < 5000:
-    t, ok = time.time(), False
-    try:
-        with socket.create_connection((vip, 80), timeout=0.1, source_address=(src, 0)) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            ok = b" 200 " in s.recv(4096)
-    except OSError:
-        pass
-    out.append([t, time.time(), ok])
-    time.sleep(0.01)
-print(json.dumps(out))
-"""
-
 
 # rtnetlink: multicast groups and message types (linux/rtnetlink.h)
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR = 0x1, 0x10
@@ -203,8 +183,8 @@ def one_run(lab: Lab, farm: Path, key: Path, n_clients: int, n_streams: int,
         stream_srcs = [client4(STREAM_SRC0 + k) for k in range(1, n_streams + 1)]
         streams = [lab.stream(source=s, seconds=STREAM_SECONDS) for s in stream_srcs]
         prober = subprocess.Popen(
-            ["ip", "netns", "exec", lab.ns("client"), sys.executable, "-c", PROBER, VIP4,
-             client4(PROBE_SRC), str(PROBE_SECONDS)],
+            ["ip", "netns", "exec", lab.ns("client"), sys.executable, str(CLIENT_PY), "probe",
+             "--vip", VIP4, "--source", client4(PROBE_SRC), "--seconds", str(PROBE_SECONDS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         if with_daemon:
             wait_for(lambda: set(sessions(lab, "lb2")) >= set(sticky), 20, "sessions on lb2")

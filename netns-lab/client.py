@@ -384,6 +384,29 @@ def cmd_ping(a: argparse.Namespace) -> int:
     return 0 if replies else 1
 
 
+def cmd_probe(a: argparse.Namespace) -> int:
+    """One short request every `--interval` for `--seconds`: the traffic gap of a failover.
+
+    Prints one JSON list of [start, end, ok] wall-clock records, so the gap can be set against
+    the moment of a kill measured elsewhere. Bounded in count (5000) and time.
+    """
+    out: list[list] = []
+    end = time.monotonic() + a.seconds
+    while time.monotonic() < end and len(out) < 5000:
+        t, ok = time.time(), False
+        try:
+            with socket.create_connection((a.vip, a.port), timeout=a.timeout,
+                                          source_address=(a.source, 0)) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                ok = b" 200 " in s.recv(4096)
+        except OSError:
+            pass
+        out.append([t, time.time(), ok])
+        time.sleep(a.interval)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------
 def _positive(kind, lo, hi):
     def conv(text: str):
@@ -427,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--dev", required=True)
     an.add_argument("--addr", action="append", required=True)
     an.set_defaults(func=cmd_announce)
+    pb = sub.add_parser("probe", help="a small request every --interval; JSON list of results")
+    pb.add_argument("--vip", default="10.10.0.100")
+    pb.add_argument("--port", type=port, default=80)
+    pb.add_argument("--source", required=True)
+    pb.add_argument("--seconds", type=_positive(float, 0.05, MAX_SECONDS), default=5.0)
+    pb.add_argument("--interval", type=_positive(float, 0.0, 1.0), default=0.01)
+    pb.add_argument("--timeout", type=_positive(float, 0.01, 10), default=0.1)
+    pb.set_defaults(func=cmd_probe)
     pg = sub.add_parser("ping", help="ICMP echo over a raw socket; exit 0 if any reply came back")
     pg.add_argument("dst")
     pg.add_argument("--count", type=_positive(int, 1, 100), default=1)

@@ -119,22 +119,8 @@ step "traffic through the VIP: $CLIENTS sticky clients, a stream from $STREAM_SR
 STREAM_PID=$!
 # The prober: one short request every ~10 ms from one source; each result with its wall-clock
 # time, so the gap can be set against the moment of the kill.
-"$HERE/lab.sh" exec client "$PY" - "$VIP4" "$PROBE_SRC" "$RUN_SECONDS" >"$STATE/demo-probe.json" <<'EOF' &
-import json, socket, sys, time
-vip, src, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-out, end = [], time.monotonic() + seconds
-while time.monotonic() < end and len(out) < 5000:
-    t, ok = time.time(), False
-    try:
-        with socket.create_connection((vip, 80), timeout=0.1, source_address=(src, 0)) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            ok = b" 200 " in s.recv(4096)
-    except OSError:
-        pass
-    out.append([t, time.time(), ok])
-    time.sleep(0.01)
-print(json.dumps(out))
-EOF
+"$HERE/lab.sh" exec client "$PY" "$HERE/client.py" probe --vip "$VIP4" --source "$PROBE_SRC" \
+    --seconds "$RUN_SECONDS" >"$STATE/demo-probe.json" &
 PROBE_PID=$!
 sleep "$BEFORE_KILL"
 count_sessions() { # node: client sessions in the node's kernel map

@@ -74,6 +74,7 @@ log = logging.getLogger("nftsync.daemon")
 
 CT_TABLE = "conntrack"
 STARTUP_GRACE_S = 5.0
+CT_EVENTS_RCVBUF = 256 << 20
 SWEEP_INTERVAL_S = 0.2  # expiry sweep slices; other housekeeping once a second
 GC_FULL_S = 900.0  # full cyclic garbage collection (unfrozen): a stall of ~0.5 s per 1M entries
 
@@ -122,7 +123,11 @@ class Daemon:
         self.kernel = KernelWriter(loop)
         self.nft_sink.writer = self.kernel
         self.ct_sink = CtSink(self.kernel)
-        self._ct_events = CtEventSocket(marks=(), ignore_portids={self.ct_sink.portid})
+        # 256 MiB (SO_RCVBUFFORCE, used only while a backlog exists): a burst of 1M new
+        # entries (conntrack -R at ~80k/s) outruns the learning loop for seconds; 64 MiB
+        # (~220k events) overran, and an overrun costs a full conntrack dump and resend.
+        self._ct_events = CtEventSocket(marks=(), ignore_portids={self.ct_sink.portid},
+                                        rcvbuf=CT_EVENTS_RCVBUF)
         self._nft_events = NftEventSocket()
         if self.nft_sink.portid is not None:
             self._echo_filter = attach_echo_filter(self._nft_events.fileno(),
@@ -669,19 +674,34 @@ class Daemon:
                 self._dump_map(rmap, self.node_id)
 
     def _reconcile_conntrack(self) -> None:
-        """After an overrun: the kernel's entries of the farms are the truth for our origin."""
+        """After an overrun: the kernel's entries of the farms are the truth for our origin.
+
+        An entry we did not know is a NEW event we lost: it is learned as one, so its client's
+        session is learned too (a 1M-entry burst overran and lost 231k sessions otherwise).
+        A known entry is re-sent only if it changed beyond its timeout (re-sending all of them
+        overflowed the peers' queues into a full snapshot).
+        """
         marks = self.view.marks
         me = self.node_id
         now = time.monotonic()
         seen = set()
+        missed: list[tuple[CtEvent, CtEntry]] = []
         for ct in dump():
             if ct.mark not in marks:
                 continue
             seen.add(ct.key)
             cur = self.conntrack.get(ct.key)
-            if cur is None or cur.origin == me or cur.origin == UNVERIFIED:
+            if cur is None:
+                missed.append((CtEvent.NEW, ct))
+                if len(missed) >= 4096:
+                    self._learn_ct(missed)
+                    missed = []
+            elif cur.origin == UNVERIFIED or (cur.origin == me and
+                                              _ct_state(cur.value) != _ct_state(ct)):
                 e = self.conntrack.local_set(ct.key, ct, now + ct.timeout, me)
                 self._enqueue(ConntrackRecord(OP_UPSERT, me, e.updated_ms, ct.to_bytes()))
+        if missed:
+            self._learn_ct(missed)
         for key, e in list(self.conntrack.items_of({me})):
             if e.alive and key not in seen:
                 t = self.conntrack.local_delete(key, me)
@@ -838,6 +858,12 @@ def _merge_reloadable(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
         old.node_name
     new.listen_host, new.listen_port = old.listen_host, old.listen_port
     return new
+
+
+def _ct_state(ct: CtEntry) -> tuple:
+    """What a peer must hear about when it changes (the timeout runs down on its own)."""
+    return (ct.mark, ct.status, ct.tcp_state, ct.reply_src, ct.reply_dst, ct.reply_sport,
+            ct.reply_dport)
 
 
 def _stats(obj: Any) -> dict:

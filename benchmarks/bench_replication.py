@@ -10,8 +10,8 @@ FTFW/UDP with the anchor configuration of kernel-facts.md) measures:
    elements written into its kernel map, `stats.kernel.nft.applied`);
 2. lag at a steady rate: new entries are written on A through `CtWriter` every 10 ms; B's conntrack
    NEW events are matched to their creation time on A (the sequence number is the source address);
-3. full resync (nftsync only): A's daemon holds M sessions (loaded through the admin path, one
-   `nft -f`), B's daemon starts empty; time until B's kernel map has received all M;
+3. full resync (nftsync only): A's map is loaded with M sessions (one `nft -f`) before A's
+   daemon starts and reads them; then B's daemon starts empty: time until B holds all M;
 4. daemon RSS before/after each throughput load, and CPU (utime+stime of both daemons) over the
    steady-rate run.
 
@@ -243,7 +243,7 @@ class NftsyncPair:
     def sock(self, side: str) -> Path:
         return self.lab.workdir / f"nftsync-{side}.sock"
 
-    def start_one(self, side: str) -> None:
+    def start_one(self, side: str, timeout: float = 30.0) -> None:
         peer = ADDR["b" if side == "a" else "a"]
         node_id = 1 if side == "a" else 2
         cmd = [sys.executable, "-m", "nftsync", "daemon", "--listen", f"{ADDR[side]}:7777",
@@ -253,7 +253,7 @@ class NftsyncPair:
                "--role", "active" if side == "a" else "backup"]
         self.sock(side).unlink(missing_ok=True)
         self.procs[side] = self.lab.spawn(side, cmd, self.lab.workdir / f"nftsync-{side}.log")
-        wait_until(lambda: self.sock(side).exists(), 30, f"nftsync {side} control socket")
+        wait_until(lambda: self.sock(side).exists(), timeout, f"nftsync {side} control socket")
 
     def start(self) -> None:
         self.start_one("a")
@@ -268,8 +268,11 @@ class NftsyncPair:
         return [p.pid for p in self.procs.values()]
 
     def sessions_on_b(self) -> int:
-        """Elements B's daemon wrote into its kernel map (applied, i.e. the transaction passed)."""
-        return control(self.sock("b"), "stats")["kernel"]["nft"]["applied"]
+        """Sessions B's daemon holds and has written into its kernel map: its mirror's count
+        minus what its kernel writer still has queued (a JSON listing of a 1M map takes ~50 s;
+        the writer's `applied` counter alone counts re-sent elements twice)."""
+        st = control(self.sock("b"), "stats")
+        return sum(st["sessions"].values()) - st["kernel"].get("queued", 0)
 
     def stats(self, side: str) -> dict:
         return control(self.sock(side), "stats")
@@ -361,10 +364,14 @@ def throughput(lab: Lab, pair, n: int, timeout: float) -> dict:
     pair.start()
     try:
         rss0 = {pid: proc_rss_kib(pid) for pid in pair.pids()}
+        cpu0 = {pid: proc_cpu(pid) for pid in pair.pids()}
         f = lab.workdir / f"load-{n}.txt"
         if not f.exists():
             f.write_text(restore_lines(n))
         count_b = CtCounter(lab.ns["b"])
+        count_a = CtCounter(lab.ns["a"])
+        base_a = count_a()
+        spies = profile(lab, pair, f"throughput-{n}", 8 + n / 20_000)
         try:
             want = count_b() + n  # the replication link itself may have an entry
             t0 = time.monotonic()
@@ -381,12 +388,16 @@ def throughput(lab: Lab, pair, n: int, timeout: float) -> dict:
                 now = time.monotonic()
                 if t_load is None and load.poll() is not None:
                     t_load = now
+                    # What the load really put into A (a few may be refused at 1M): B must
+                    # end with exactly that.
+                    loaded = count_a() - base_a
+                    want = want - n + loaded
                 if t_ct is None and count_b() >= want:
                     t_ct = now
                 if pair.name == "nftsync" and t_sess is None and now - last_poll_sess > 0.25:
                     last_poll_sess = now
-                    sessions = pair.sessions_on_b()
-                    if sessions >= n:
+                    sessions = tolerant(pair.sessions_on_b)()
+                    if sessions >= (n if t_load is None else loaded):
                         t_sess = time.monotonic()
                 time.sleep(0.01)
             lab.procs.remove(load)
@@ -394,12 +405,18 @@ def throughput(lab: Lab, pair, n: int, timeout: float) -> dict:
                 load.kill()
                 load.wait()
             got_ct = count_b()
+            loaded = count_a() - base_a
         finally:
             count_b.close()
+            count_a.close()
+            for spy in spies:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(timeout=60)
         rss1 = {pid: proc_rss_kib(pid) for pid in pair.pids()}
-        res = {"n": n, "load_s": None if t_load is None else t_load - t0,
+        cpu = [round(proc_cpu(pid) - cpu0[pid], 2) for pid in pair.pids()]
+        res = {"n": n, "loaded_on_a": loaded, "load_s": None if t_load is None else t_load - t0,
                "ct_s": None if t_ct is None else t_ct - t0, "ct_on_b": got_ct,
-               "rss_kib": {str(p): (rss0[p], rss1[p]) for p in rss0}}
+               "rss_kib": {str(p): (rss0[p], rss1[p]) for p in rss0}, "cpu_s": cpu}
         if pair.name == "nftsync":
             res["sessions_s"] = None if t_sess is None else t_sess - t0
             res["sessions_on_b"] = pair.sessions_on_b()
@@ -502,10 +519,21 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
             "cpu_per_pid": {str(p): round(cpu1[p] - cpu0[p], 2) for p in cpu0}}
 
 
+def tolerant(fn, default=0):
+    """A control query that may time out while a daemon is busy (e.g. its start-up dump)."""
+    def call():
+        try:
+            return fn()
+        except (OSError, RuntimeError, ValueError):
+            return default
+    return call
+
+
 def resync(lab: Lab, pair: NftsyncPair, m: int, timeout: float) -> dict:
-    """A's daemon holds m sessions (admin path); B's daemon starts empty: time to m on B."""
+    """A's map holds m sessions before its daemon starts (one `nft -f`); A's daemon reads them
+    at start-up (a slow, quadratic kernel dump: not timed); then B's daemon starts empty and
+    gets them in A's snapshot: time from B's start until B's kernel map received all m."""
     lab.reset()
-    pair.start_one("a")
     f = lab.workdir / f"elements-{m}.nft"
     if not f.exists():
         lines = []
@@ -517,18 +545,22 @@ def resync(lab: Lab, pair: NftsyncPair, m: int, timeout: float) -> dict:
     t0 = time.monotonic()
     netns.run(lab.ns["a"], "nft", "-f", str(f), timeout=timeout)
     t_nft = time.monotonic() - t0
-
-    def a_has() -> bool:
-        return sum(pair.stats("a")["sessions"].values()) >= m
+    t0 = time.monotonic()
+    pair.start_one("a", timeout)
+    a_has = tolerant(lambda: sum(pair.stats("a")["sessions"].values()) >= m, False)
     t_a = wait_until(a_has, timeout, f"A's daemon holding {m} sessions", 0.5) - t0
-    sa = pair.stats("a")
     t1 = time.monotonic()
-    pair.start_one("b")
-    t_b = wait_until(lambda: pair.sessions_on_b() >= m, timeout, f"{m} sessions on B", 0.1)
-    res = {"m": m, "nft_load_s": t_nft, "a_learned_s": t_a,
-           "a_nft_overruns": sa["counters"]["nft_overruns"], "resync_s": t_b - t1,
+    pair.start_one("b", timeout)
+    spies = profile(lab, pair, "resync", 15)
+    on_b = tolerant(pair.sessions_on_b)
+    t_b = wait_until(lambda: on_b() >= m, timeout, f"{m} sessions on B", 0.1)
+    res = {"m": m, "nft_load_s": t_nft, "a_startup_s": t_a, "resync_s": t_b - t1,
            "rss_kib": {side: proc_rss_kib(p.pid) for side, p in pair.procs.items()}}
     res["b_failed"] = pair.stats("b")["kernel"]["nft"]["failed"]
+    res["b_nft_overruns"] = pair.stats("b")["counters"]["nft_overruns"]
+    for spy in spies:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(timeout=30)
     pair.stop()
     return res
 
@@ -547,6 +579,7 @@ def main() -> int:
     ap.add_argument("--resync", type=int, default=1_000_000, help="0: skip")
     ap.add_argument("--skip", default="", help="comma list of: throughput,lag")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--logs", type=Path, help="copy the daemons' logs here at the end")
     ap.add_argument("--profile", type=Path, help="py-spy the nftsync daemons into this dir")
     args = ap.parse_args()
     global PROFILE_DIR
@@ -581,6 +614,10 @@ def main() -> int:
                     r["resync"] = res
                     print(f"[{sysname}] resync: {res}", flush=True)
         finally:
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("*.log"):
+                    (args.logs / log.name).write_bytes(log.read_bytes())
             lab.down()
     results["machine"]["load_after"] = os.getloadavg()
     print_table(results)

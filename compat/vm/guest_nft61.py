@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 import traceback
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from pathlib import Path
 
 results: list[tuple[str, bool, str]] = []
 TABLE, MAP = "nft61", "sessions"
@@ -176,6 +179,84 @@ def inner() -> None:
         assert sink.stats.failed == 0, sink.stats.last_error
         assert after["timeout"] == 90 and 80 <= after["expires"] <= 90, after
         return f"refresh to 90 s in a 60 s map: {after}"
+
+    @check("nft61_packet_path_update_refreshes")
+    def _() -> str:
+        # What keeps a client's session alive: the rule's `update @map` on each packet. An
+        # element at 10 s in a 60 s map; one UDP datagram to it over lo must reset it to ~60 s.
+        reset(10)
+        nft("add", "chain", "ip", TABLE, "out", "{ type filter hook output priority 0; }")
+        nft("add", "rule", "ip", TABLE, "out", "ip", "daddr", KEY, "update", f"@{MAP}",
+            "{", "ip", "daddr", ":", f"{MARK:#x}", "}")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        subprocess.run(["ip", "addr", "add", f"{KEY}/32", "dev", "lo"], check=True, timeout=30)
+        before = listed()[KEY]["expires"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"x", (KEY, 9))
+        after = listed()[KEY]
+        events = Path("/proc/sys/net/netfilter/nf_conntrack_events").read_text().strip()
+        assert after["mark"] == MARK and after["expires"] >= 50, f"{before} -> {after}"
+        return (f"update @map from the packet path: expires {before} -> {after['expires']} s; "
+                f"nf_conntrack_events={events}")
+
+    @check("nft61_cli_refresh_and_reapply_keep_expiry")
+    def _() -> str:
+        # The CLI on 6.1: `sessions add` of an existing client with the same backend and a new
+        # expiry must move the expiry; re-applying the farm with a new map timeout re-creates
+        # the map and must carry the session over with what was left of its expiry, i.e. the
+        # expiry before minus the time the apply took (bounded by the measured elapsed time,
+        # so a slow VM does not blur it).
+        farm = Path("rulesets/farm-http.nft").read_text()
+        work = Path(os.environ.get("TMPDIR", "/tmp")) / f"nft61-{os.getpid()}"
+        work.mkdir()
+        short, longer = work / "farm.nft", work / "longer.nft"
+        short.write_text(farm)
+        longer.write_text(farm.replace("timeout 60s", "timeout 90s"))
+
+        def cli(*args: str) -> str:
+            p = subprocess.run([sys.executable, "-m", "nftsync", *args], capture_output=True,
+                               text=True, timeout=120)
+            assert p.returncode == 0, f"nftsync {' '.join(args)}: {p.stderr.strip()}"
+            return p.stdout
+
+        def elems() -> dict[str, dict]:
+            out = json.loads(nft("-j", "list", "map", "ip", "nftsync_http", "http_sessions"))
+            objs = [o["map"] for o in out["nftables"] if "map" in o]
+            got = {}
+            for key, value in objs[0].get("elem", []) or []:
+                attrs = key["elem"] if isinstance(key, dict) else {"val": key}
+                got[attrs["val"]] = (value, attrs.get("expires"))
+            return got
+
+        client = "10.10.1.40"
+        # Only this farm in the namespace (the checks above leave their table behind).
+        subprocess.run(["nft", "delete", "table", "ip", TABLE], capture_output=True, timeout=30)
+        try:
+            cli("apply", str(short), "--json")
+            cli("sessions", "add", client, "0x201", "--expires", "10")
+            first = elems()[client]
+            cli("sessions", "add", client, "0x201", "--expires", "50")
+            refreshed = elems()[client]
+            assert first[0] == refreshed[0] == 0x201, (first, refreshed)
+            assert first[1] <= 10 and refreshed[1] >= 40, f"sessions add: {first} -> {refreshed}"
+            before = elems()[client][1]
+            t0 = time.monotonic()
+            out = json.loads(cli("apply", str(longer), "--json"))
+            elapsed = time.monotonic() - t0
+            after = elems()
+            assert out["applied"] and out["restored"] == {"ip nftsync_http http_sessions": 1}, out
+            assert list(after) == [client] and after[client][0] == 0x201, after
+            low, high = before - elapsed - 2, before + 1
+            assert low <= after[client][1] <= high, (
+                f"re-apply: expires {before} -> {after[client][1]} s, apply took {elapsed:.1f} s")
+            timeout = json.loads(nft("-j", "list", "map", "ip", "nftsync_http", "http_sessions"))
+            assert [o["map"]["timeout"] for o in timeout["nftables"] if "map" in o] == [90]
+        finally:
+            subprocess.run(["nft", "delete", "table", "ip", "nftsync_http"], capture_output=True,
+                           timeout=30)
+            shutil.rmtree(work)
+        return (f"sessions add 10 s -> {refreshed[1]} s; re-apply (timeout 60 s -> 90 s, "
+                f"{elapsed:.1f} s): expires {before} -> {after[client][1]} s")
 
     subprocess.run(["nft", "delete", "table", "ip", TABLE], capture_output=True, timeout=30)
     for name, ok, detail in results:

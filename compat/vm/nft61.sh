@@ -31,11 +31,10 @@ fi
 echo "INFO modules loaded at $(cut -d' ' -f1 /proc/uptime) s uptime"
 ip link set lo up
 mkdir -p /host/run/netns /host/run/nftsync /host/dev/shm
-scale=$(sed -n 's/.*nftsync\.timescale=\([0-9.]*\).*/\1/p' /proc/cmdline)
 # Bytecode compiled by run.sh on the host (read-only here: what is missing compiles in memory).
 pycache=$(sed -n 's/.*nftsync\.pycache=\([^ ]*\).*/\1/p' /proc/cmdline)
 genv="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TMPDIR=/tmp \
-      PYTHONPYCACHEPREFIX=${pycache:-/tmp/pycache} PYTHONPATH='$repo' NFTSYNC_TIME_SCALE=${scale:-1}"
+      PYTHONPYCACHEPREFIX=${pycache:-/tmp/pycache} PYTHONPATH='$repo'"
 
 # The direct checks (6.1 path chosen, and the refresh really changes the expiry).
 chroot /host /bin/sh -c "cd '$repo' && env $genv '$py' compat/vm/guest_nft61.py checks" 2>&1 \

@@ -13,8 +13,8 @@
 # linux-headers/linux-source needed): nftsync's nf_tables path on 6.1, with 2 vCPUs and 2 GiB:
 # compat/vm/nft61.sh loads the netfilter modules, compat/vm/guest_nft61.py checks the pre-6.12
 # refresh path, then pytest runs the farm, nft-event and daemon replication tests in the guest
-# (default timeout 480 s; NFTSYNC_VM_SELECT=a,b overrides the pytest selection,
-# NFTSYNC_TIME_SCALE is passed to the guest's tests).
+# (default timeout 480 s; NFTSYNC_VM_SELECT=a,b overrides the pytest selection, `full` runs
+# all of test_farm.py and test_nft_events.py: give it -t 1000).
 #
 # Needs the packages compat/vm/setup.sh installs. Builds under $NFTSYNC_VM_DIR (default: .vm/ in
 # the repository, gitignored): the module (compat/kernel/build.sh), then an initramfs of
@@ -130,7 +130,7 @@ mem=768 cpus=1 accel=tcg
 if [ "$nft61" = 1 ]; then
     # pytest in the guest gets what is left of the run after boot and the direct checks.
     append="$append nftsync.nft61=1 nftsync.deadline=$timeout_s"
-    append="$append nftsync.timescale=${NFTSYNC_TIME_SCALE:-1} nftsync.pycache=$pycache"
+    append="$append nftsync.pycache=$pycache"
     [ -n "${NFTSYNC_VM_SELECT:-}" ] && append="$append nftsync.select=$NFTSYNC_VM_SELECT"
     mem=2048 cpus=2 accel=tcg,thread=multi
 fi

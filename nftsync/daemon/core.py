@@ -549,8 +549,7 @@ class Daemon:
         delay = cfg.reconnect_min
         while not self._stop.is_set():
             if link.channel is not None:  # the peer dialled us: that connection serves
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=cfg.reconnect_min)
+                await self._pause(cfg.reconnect_min)
                 continue
             link.state = "connecting"
             try:
@@ -568,11 +567,16 @@ class Daemon:
                     await ch.refuse(RefuseReason.DUPLICATE_PEER)
                 else:
                     delay = cfg.reconnect_min
-                    await link.attach(ch)
+                    await link.take_over(ch)  # the peer's own dial may have won meanwhile
             link.state = "down"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            await self._pause(delay)
             delay = min(cfg.reconnect_max, delay * 2)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but return at once when the daemon stops."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
@@ -595,11 +599,9 @@ class Daemon:
         if link is None:
             link = PeerLink(self, f"{ch.peer.node_name}@{peername[0]}")
             self.inbound.append(link)
-        elif link.channel is not None:
-            link.close()  # the new connection wins (the old one is half-dead or duplicate)
-            await asyncio.sleep(0)
         try:
-            await link.attach(ch)
+            # The new connection wins (the old one is half-dead, or loses the tie-break).
+            await link.take_over(ch)
         finally:
             if link in self.inbound and link.channel is None:
                 self.inbound.remove(link)

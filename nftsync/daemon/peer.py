@@ -167,20 +167,23 @@ class PeerLink:
         self.last_rx = time.monotonic()
         self.wake.set()
         log.info("peer %s: up (node %d %s)", self.name, self.node_id, self.node_name)
-        sender = asyncio.create_task(self._send_loop(channel))
-        receiver = asyncio.create_task(self._recv_loop(channel))
-        self.tasks = [sender, receiver]
+        # This attach owns these tasks: a replacing channel gets its own list, so cleaning up
+        # here never cancels the successor's tasks.
+        tasks = [asyncio.create_task(self._send_loop(channel)),
+                 asyncio.create_task(self._recv_loop(channel))]
+        self.tasks = tasks
         try:
-            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 exc = t.exception()
                 if exc is not None:
                     self.last_error = str(exc) or type(exc).__name__
         finally:
-            for t in self.tasks:
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            self.tasks = []
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.tasks is tasks:
+                self.tasks = []
             channel.close()
             if self.channel is channel:
                 self.channel = None
@@ -196,13 +199,27 @@ class PeerLink:
         for t in self.tasks:
             t.cancel()
 
+    async def take_over(self, channel: Channel) -> None:
+        """Serve `channel`, after the channel this link had (if any) has fully wound down."""
+        old = self.channel
+        if old is not None:
+            self.close()
+            for _ in range(200):  # bounded: the old attach's clean-up is a few loop turns
+                if self.channel is not old:
+                    break
+                await asyncio.sleep(0.01)
+        await self.attach(channel)
+
     # -- sending -----------------------------------------------------------------------------
     async def _send_loop(self, ch: Channel) -> None:
         cfg = self.daemon.config
         last_tx = 0.0
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wait ends, and shutdown would then hang on this task.
             with contextlib.suppress(TimeoutError):  # a quiet interval: time for a heartbeat
-                await asyncio.wait_for(self.wake.wait(), timeout=cfg.heartbeat_interval)
+                async with asyncio.timeout(cfg.heartbeat_interval):
+                    await self.wake.wait()
             self.wake.clear()
             if self.need_snapshot:
                 self.need_snapshot = False
@@ -269,7 +286,8 @@ class PeerLink:
         last_ack = time.monotonic()
         while True:
             try:
-                msg = await asyncio.wait_for(ch.recv(), timeout=cfg.peer_timeout)
+                async with asyncio.timeout(cfg.peer_timeout):
+                    msg = await ch.recv()
             except TimeoutError:
                 raise ConnectionClosed(f"no frame from the peer for {cfg.peer_timeout:.1f}s") \
                     from None

@@ -113,7 +113,8 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "timing": {k: getattr(config, k) for k in ("heartbeat_interval", "peer_timeout",
                                                   "reconnect_min", "reconnect_max",
                                                   "batch_delay", "stall_after")},
-        "limits": {"queue_limit": config.queue_limit, "batch_records": config.batch_records},
+        "limits": {"queue_limit": config.queue_limit, "batch_records": config.batch_records,
+                   "event_buffer": config.event_buffer},
     }
 
 

@@ -56,6 +56,7 @@ class DaemonConfig:
     reconnect_max: float = 10.0
     queue_limit: int = 500_000  # records queued per peer before it is resnapshotted instead
     batch_records: int = 4_000  # records per UPDATES frame
+    event_buffer: int = 256 << 20  # bytes of kernel buffer for conntrack events (SO_RCVBUFFORCE)
     batch_delay: float = 0.002  # seconds to wait for more records before sending a batch
     stall_after: float = 10.0  # un-acked updates older than this -> health "degraded"
     config_file: str | None = None
@@ -105,6 +106,9 @@ TIMING_KEYS: dict[str, tuple[float, float]] = {
 LIMIT_KEYS: dict[str, tuple[int, int]] = {
     "queue_limit": (1_000, 100_000_000),
     "batch_records": (1, 6_000),
+    # A burst of N new connections needs about N x 300 bytes before the daemon reads them; an
+    # overrun is recovered from a dump, so this trades memory against dumps.
+    "event_buffer": (64 << 10, 2 << 30),
 }
 TABLES: dict[str, tuple[str, ...]] = {"timing": tuple(TIMING_KEYS), "limits": tuple(LIMIT_KEYS)}
 

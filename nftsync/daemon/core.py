@@ -74,7 +74,6 @@ log = logging.getLogger("nftsync.daemon")
 
 CT_TABLE = "conntrack"
 STARTUP_GRACE_S = 5.0
-CT_EVENTS_RCVBUF = 256 << 20
 SWEEP_INTERVAL_S = 0.2  # expiry sweep slices; other housekeeping once a second
 GC_FULL_S = 900.0  # full cyclic garbage collection (unfrozen): a stall of ~0.5 s per 1M entries
 
@@ -127,7 +126,7 @@ class Daemon:
         # entries (conntrack -R at ~80k/s) outruns the learning loop for seconds; 64 MiB
         # (~220k events) overran, and an overrun costs a full conntrack dump and resend.
         self._ct_events = CtEventSocket(marks=(), ignore_portids={self.ct_sink.portid},
-                                        rcvbuf=CT_EVENTS_RCVBUF)
+                                        rcvbuf=self.config.event_buffer)
         self._nft_events = NftEventSocket()
         if self.nft_sink.portid is not None:
             self._echo_filter = attach_echo_filter(self._nft_events.fileno(),

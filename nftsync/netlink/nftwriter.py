@@ -122,6 +122,46 @@ def encode_add(key: bytes, data: bytes | None, timeout_ms: int | None,
     return _NLA(4 + len(body), _LIST_NESTED) + body
 
 
+def _shape(klen: int, dlen: int, timeout: bool, expiration: bool) -> tuple[bytes, ...]:
+    """Constant bytes around the variable parts of an element of this shape (dlen -1: no
+    data): element = c0 + key + c1 + data + c2 + timeout + c3 + expiration."""
+    kpad = b"\0" * (-klen % 4)
+    key_attr = 8 + klen + len(kpad)
+    data_attr = 0 if dlen < 0 else 8 + dlen + (-dlen % 4)
+    total = 4 + key_attr + data_attr + 12 * timeout + 12 * expiration
+    c0 = _NLA(total, _LIST_NESTED) + _NLA(key_attr, _KEY_NESTED) + _NLA(4 + klen, NFTA_DATA_VALUE)
+    c1 = kpad + (_NLA(data_attr, _DATA_NESTED) + _NLA(4 + dlen, NFTA_DATA_VALUE)
+                 if dlen >= 0 else b"")
+    c2 = (b"\0" * (-dlen % 4) if dlen >= 0 else b"") + \
+        (_NLA(12, NFTA_SET_ELEM_TIMEOUT) if timeout else b"")
+    c3 = _NLA(12, NFTA_SET_ELEM_EXPIRATION) if expiration else b""
+    return c0, c1, c2, c3
+
+
+def encode_adds(adds: Sequence[AddElem]) -> list[bytes]:
+    """`encode_add` for many elements, the hot path: constant headers are built once per
+    element shape, so an element costs a few concatenations."""
+    shapes: dict[tuple[int, int, bool, bool], tuple[bytes, ...]] = {}
+    out: list[bytes] = []
+    append = out.append
+    for key, data, timeout, expiration in adds:
+        shape = (len(key), -1 if data is None else len(data), timeout is not None,
+                 expiration is not None)
+        c = shapes.get(shape)
+        if c is None:
+            c = shapes[shape] = _shape(*shape)
+        e = c[0] + key + c[1]
+        if data is not None:
+            e += data
+        e += c[2]
+        if timeout is not None:
+            e += timeout.to_bytes(8, "big")
+        if expiration is not None:
+            e += c[3] + expiration.to_bytes(8, "big")
+        append(e)
+    return out
+
+
 class SetElemWriter:
     """Batched nf_tables set/map element writer on a socket of its own.
 
@@ -164,7 +204,7 @@ class SetElemWriter:
         if deletes:
             _chunk(bodies, NFT_MSG_DELSETELEM, [encode_delete(k) for k in deletes])
         if adds:
-            _chunk(bodies, NFT_MSG_NEWSETELEM, [encode_add(*a) for a in adds])
+            _chunk(bodies, NFT_MSG_NEWSETELEM, encode_adds(adds))
         self._send(head, bodies)
 
     def _send(self, head: bytes, bodies: list[tuple[int, list[bytes]]]) -> None:
@@ -247,4 +287,4 @@ def _chunk(out: list[tuple[int, list[bytes]]], msg: int, elems: list[bytes]) -> 
 
 
 __all__ = ["FAMILY_NUMBERS", "NFT_DATA_VALUE_MAXLEN", "SetElemWriter", "encode_add",
-           "encode_delete", "key_length"]
+           "encode_adds", "encode_delete", "key_length"]

@@ -147,6 +147,18 @@ def inner() -> None:
         assert after <= before, f"in-place refresh worked here: expires {before} -> {after}"
         return f"in-place path forced: expires {before} -> {after} s (refresh lost, as expected)"
 
+    @check("nft61_other_value_is_refused")
+    def _() -> str:
+        # Why a backend move is delete + add on every kernel: a plain add of another value fails.
+        reset(10)
+        p = subprocess.run(["nft", "add", "element", "ip", TABLE, MAP,
+                            f"{{ {KEY} expires 50s : 0x201 }}"], capture_output=True, text=True,
+                           timeout=60)
+        after = listed()[KEY]
+        assert p.returncode != 0, f"add of another value succeeded: {after}"
+        assert after["mark"] == MARK and after["expires"] <= 10, after
+        return f"refused: {p.stderr.strip().splitlines()[0] if p.stderr.strip() else p.returncode}"
+
     @check("nft61_sink_new_mark_and_expiry")
     def _() -> str:
         reset(10)

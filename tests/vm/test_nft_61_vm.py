@@ -36,6 +36,7 @@ STAGE_CHECKS = [
     "nft61_in_place_path_would_lose_refresh", "nft61_sink_new_mark_and_expiry",
     "nft61_nftmap_replace_changes_expiry", "nft61_sink_longer_than_map_timeout",
     "nft61_packet_path_update_refreshes", "nft61_cli_refresh_and_reapply_keep_expiry",
+    "nft61_other_value_is_refused",
     "nft61_pytest_exit", "nft61_no_namespaces_left",
 ]
 # The guest's pytest selection (compat/vm/nft61.sh; the hypothesis fuzzers of test_nft_events

@@ -172,3 +172,52 @@ def test_encode_adds_matches_encode_add() -> None:
              for kl in (1, 2, 4, 6, 8, 16, 24) for d in (None, mark(0x200), b"\1\2\3\4\5\6")
              for t in (None, 5000) for x in (None, 7000)]
     assert encode_adds(cases) == [encode_add(*c) for c in cases]
+
+
+def test_add_same_value_refreshes_expiry(nsw) -> None:
+    """Like nft's `add element` (NLM_F_CREATE without NLM_F_EXCL): re-adding a key with the
+    same value is no error, and on kernels >= 6.12 its explicit expiration refreshes it."""
+    from nftsync.tables.nftmap import kernel_refreshes_expiry
+
+    ns, w = nsw
+    w.apply("ip", "t", "m", [], [(v4("10.0.0.1"), mark(0x200), None, 10_000)])
+    w.apply("ip", "t", "m", [], [(v4("10.0.0.1"), mark(0x200), None, 100_000)])
+    value, _timeout, expires = listed(ns, "ip", "t", "m")["10.0.0.1"]
+    assert value == 0x200
+    if kernel_refreshes_expiry():
+        assert abs(expires - 100) <= 1
+
+
+def test_sink_netlink_path_and_fallback(nsw) -> None:
+    """NftSink writes through its SetElemWriter; when the mirror is wrong about the kernel (a
+    key it thinks absent exists with another value) the batch fails as a whole and is retried
+    element by element, so every change lands."""
+    from nftsync.daemon.farms import ReplicatedMap
+    from nftsync.daemon.sink import ElementOp, NftSink
+    from nftsync.model import MapRef, Role, SessionMap
+
+    ns, _w = nsw
+    smap = SessionMap(MapRef("ip", "t", "m"), Role.SESSIONS, "f", ("ipv4_addr",), "mark",
+                      timeout=120)
+    rmap = ReplicatedMap(smap, None)
+    with netns.entered(ns):
+        sink = NftSink()
+    try:
+        assert sink.elem_writer is not None and sink.portid == sink.elem_writer.portid
+        assert sink.echo_filter_valid()
+        sink.apply(rmap, [ElementOp(v4(f"10.0.0.{i}"), 0x200, 60_000, None) for i in range(1, 6)])
+        tx = sink.elem_writer.transactions
+        assert tx == 1 and sink.stats.applied == 5
+        netns.run(ns, "nft", "add", "element", "ip", "t", "m", "{ 10.0.0.9 : 0x300 }")
+        sink.apply(rmap, [ElementOp(v4("10.0.0.1"), 0x201, 200_000, 0x200),  # replace
+                          ElementOp(v4("10.0.0.2"), None, 0, 0x200),  # delete
+                          ElementOp(v4("10.0.0.9"), 0x201, 30_000, None)])  # mirror is wrong
+        assert sink.stats.retries == 1 and sink.stats.failed == 0
+        got = listed(ns, "ip", "t", "m")
+        assert set(got) == {"10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.9"}
+        value, timeout, expires = got["10.0.0.1"]
+        assert value == 0x201 and timeout == 200 and abs(expires - 200) <= 1
+        value, _timeout, expires = got["10.0.0.9"]
+        assert value == 0x201 and abs(expires - 30) <= 1
+    finally:
+        sink.close()

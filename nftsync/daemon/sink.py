@@ -1,7 +1,9 @@
 """Writing replicated state into the local kernel, in batches.
 
-Session map elements go through libnftables text transactions (one per map per batch; text is
-~2.5x faster than JSON). An element whose key exists is replaced by "delete + add" in the same
+Session map elements go through hand-built nf_tables netlink batches (`SetElemWriter`, one
+transaction per map per batch: deletes, then adds), falling back to libnftables text
+transactions for maps whose key or value types it does not encode, and element by element
+after a failure. An element whose key exists is replaced by "delete + add" in the same
 transaction, except where the kernel refreshes in place (>= 6.12: `add` with the same value and
 an explicit `expires`). The daemon's mirror says which keys exist; when it is wrong (the packet
 path added a key we had not heard of yet, or the kernel expired one) the transaction fails as a
@@ -24,11 +26,13 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nftsync.errors import NftsyncError
+from nftsync.netlink.core import NetlinkError
 from nftsync.netlink.ctnetlink import CtEntry, CtWriter
+from nftsync.netlink.nftwriter import SetElemWriter, key_length
 from nftsync.nft import Nft
 from nftsync.tables.nftmap import kernel_refreshes_expiry
 
@@ -112,7 +116,7 @@ class ElementOp:
     key: bytes
     mark: int | None  # None: delete
     remaining_ms: int  # 0: no timeout
-    old_mark: int | None  # what the mirror believes the kernel has for this key (None: absent)
+    old_mark: int | None  # what the mirror believes the kernel has (None: absent, -1: unknown)
 
     @property
     def exists(self) -> bool:
@@ -121,9 +125,16 @@ class ElementOp:
 
 class NftSink:
     """Applies element changes to session maps. Our own transactions are recognised in the nft
-    event stream by the committing thread id (NEWGEN pid), which `thread_id` records."""
+    event stream by the committing thread id (NEWGEN pid), which `thread_id` records, and in
+    the kernel by the port id of the socket that wrote them (`portid`, see `echo_filter`).
 
-    def __init__(self, nft: Nft | None = None, writer: KernelWriter | None = None) -> None:
+    `netlink=True` writes through a `SetElemWriter` of its own (the fast path); `portid` is
+    then that socket's, the one almost every write goes through. The libnftables context stays
+    for per-element retries and unsupported maps; its rare echoes are dropped by thread id.
+    """
+
+    def __init__(self, nft: Nft | None = None, writer: KernelWriter | None = None,
+                 netlink: bool = True) -> None:
         # With a writer the context is used by its thread only: never share it (libnftables
         # contexts are not thread-safe).
         before = _netlink_inodes()
@@ -133,9 +144,27 @@ class NftSink:
         self.thread_ids: set[int] = set()
         self.writer = writer
         self.portid: int | None = None
-        self._sock: tuple[int, int] | None = None  # (fd, inode) of the context's socket
+        self.nft_portid: int | None = None  # the libnftables context's
+        self._sock: tuple[int, int] | None = None  # (fd, inode) of the socket `portid` is of
+        self.elem_writer: SetElemWriter | None = None
         if nft is None:
             self._find_portid(before)
+            self.nft_portid = self.portid
+        if netlink:
+            self.elem_writer = SetElemWriter()
+            fd = self.elem_writer.fileno()
+            self._sock = (fd, os.fstat(fd).st_ino)
+            self.portid = self.elem_writer.portid
+
+    @property
+    def portids(self) -> set[int]:
+        """Every port id our writes can carry (for an echo filter that takes several)."""
+        return {p for p in (self.portid, self.nft_portid) if p is not None}
+
+    def close(self) -> None:
+        if self.elem_writer is not None:
+            self.elem_writer.close()
+            self.elem_writer = None
 
     def _find_portid(self, before: dict[int, int]) -> None:
         """The netlink port id of our libnftables context's socket: our transactions' events
@@ -176,6 +205,23 @@ class NftSink:
 
     def _apply_now(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
         self.thread_ids.add(threading.get_native_id())
+        if self.elem_writer is not None and _netlink_ok(rmap):
+            try:
+                if self._apply_netlink(rmap, ops):
+                    self.stats.transactions += 1
+                    self.stats.applied += len(ops)
+                    return
+            except NetlinkError as exc:  # the kernel refused: nothing changed
+                if len(ops) == 1:
+                    self._fail(rmap, ops[0], exc)
+                    return
+                self.stats.retries += 1
+                for op in ops:  # one surprise must not lose the batch: element by element
+                    self._apply_one(rmap, op)
+                return
+            except OSError as exc:  # not sent (e.g. larger than the send buffer): nft text
+                log.warning("netlink element batch for %s not sent (%s): using libnftables",
+                            rmap.smap.ref, exc)
         cmds = self._commands(rmap, ops)
         try:
             self.nft.cmd(cmds, what=f"replicate into {rmap.smap.ref}")
@@ -192,7 +238,9 @@ class NftSink:
 
     def _apply_one(self, rmap: ReplicatedMap, op: ElementOp) -> None:
         # The mirror may be wrong about the kernel (packet path, expiry): try the other belief.
-        other = None if op.exists else (op.mark if op.mark is not None else 0)
+        # "Present" with a value we do not know (-1, never a mark) means delete + add, which
+        # holds whatever the kernel has (refresh in place would be EEXIST for another value).
+        other = None if op.exists else -1
         variants = [op, ElementOp(op.key, op.mark, op.remaining_ms, other)]
         last: Exception | None = None
         for variant in variants:
@@ -212,6 +260,37 @@ class NftSink:
         self.stats.failed += 1
         self.stats.last_error = f"{rmap.map_id} {rmap.key_text(op.key)}: {exc}"
         log.warning("could not apply %s", self.stats.last_error)
+
+    def _apply_netlink(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> bool:
+        """The same transaction as `_commands` builds, as netlink messages. False (nothing
+        sent) if a key does not have the kernel's length for the map: nft text handles it."""
+        assert self.elem_writer is not None
+        ref = rmap.smap.ref
+        timeout_ms = rmap.smap.timeout * 1000 if rmap.smap.timeout is not None else None
+        klen = key_length(rmap.smap.key_type)
+        in_place = self.refresh_in_place
+        pack = _MARK.pack
+        dels: list[bytes] = []
+        adds: list[tuple[bytes, bytes, int | None, int | None]] = []
+        for op in ops:
+            key = op.key
+            if len(key) != klen:  # the kernel would refuse the whole batch (EINVAL)
+                return False
+            if op.mark is None:
+                if op.old_mark is not None:
+                    dels.append(key)
+                continue
+            ms = op.remaining_ms
+            if op.old_mark is not None and (not in_place or ms == 0 or op.old_mark != op.mark):
+                dels.append(key)
+            if ms == 0 or timeout_ms is None:
+                adds.append((key, pack(op.mark), None, None))
+            elif ms > timeout_ms:
+                adds.append((key, pack(op.mark), ms, ms))
+            else:
+                adds.append((key, pack(op.mark), None, ms))
+        self.elem_writer.apply(ref.family, ref.table, ref.name, dels, adds)
+        return True
 
     def _commands(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> str:
         ref = rmap.smap.ref
@@ -240,6 +319,15 @@ class NftSink:
 
     def thread_is_ours(self, pid: int | None) -> bool:
         return pid is not None and pid in self.thread_ids
+
+
+_MARK = struct.Struct("=I")  # meta mark values are host order in the kernel
+
+
+def _netlink_ok(rmap: ReplicatedMap) -> bool:
+    """Whether `SetElemWriter` can encode this map's elements: mark values and keys of
+    datatypes whose byte size we know (anything else goes through libnftables)."""
+    return rmap.smap.value_type == "mark" and key_length(rmap.smap.key_type) is not None
 
 
 def _element(text: str, op: ElementOp, map_timeout: int | None) -> str:
@@ -330,18 +418,24 @@ def _netfilter_ports() -> dict[int, int]:
     return out
 
 
-def attach_echo_filter(sock_fd: int, portid: int) -> ctypes.Array:
+def attach_echo_filter(sock_fd: int, portid: int | Iterable[int]) -> ctypes.Array:
     """Classic BPF on the nft event socket: drop datagrams whose first message was sent by
-    `portid`. nf_tables puts the sender's port id in every notification of a transaction and
-    never mixes transactions in one datagram, so this drops exactly our own writes' echo
-    (1M elements written = 1M events to decode, and an overrun of the event socket).
+    `portid` (one port id or several, e.g. `NftSink.portids`). nf_tables puts the sender's
+    port id in every notification of a transaction and never mixes transactions in one
+    datagram, so this drops exactly our own writes' echo (1M elements written = 1M events to
+    decode, and an overrun of the event socket).
     Returns the filter buffer (keep it alive while attached)."""
     # BPF absolute loads are big endian; nlmsg_pid (offset 12) is host order.
-    k = int.from_bytes(portid.to_bytes(4, "little" if _LITTLE else "big"), "big")
-    insns = [(0x20, 0, 0, 12),  # ld [12]
-             (0x15, 0, 1, k),  # jeq #k, drop, accept
-             (0x06, 0, 0, 0),  # ret #0: drop
-             (0x06, 0, 0, 0xFFFFFFFF)]  # ret #-1: accept
+    ports = sorted({portid} if isinstance(portid, int) else set(portid))
+    if not ports or len(ports) > 8:
+        raise ValueError(f"echo filter: 1 to 8 port ids, not {len(ports)}")
+    n = len(ports)
+    insns = [(0x20, 0, 0, 12)]  # ld [12]
+    for i, p in enumerate(ports):
+        k = int.from_bytes(p.to_bytes(4, "little" if _LITTLE else "big"), "big")
+        insns.append((0x15, n - i, 0, k))  # jeq #k: jump to the drop after the last test
+    insns += [(0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: accept
+              (0x06, 0, 0, 0)]  # ret #0: drop
     prog = b"".join(struct.pack("=HBBI", *i) for i in insns)
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = struct.pack("@HP", len(insns), ctypes.addressof(buf))

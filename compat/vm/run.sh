@@ -21,7 +21,7 @@
 # busybox-static + iptables-legacy (xtables-legacy-multi, its libraries, libxt_recent/standard)
 # + the modules x_tables ip_tables iptable_filter (+ virtio/9p for stage 2) + xt_recent.ko.
 # Exit status: 0 when every RESULT line says PASS (and both stages reported), 1 otherwise,
-# 124 on timeout. The console log stays in $NFTSYNC_VM_DIR/console-KVER.log (-N: console-nft61-KVER.log).
+# 124 on timeout. Console log: $NFTSYNC_VM_DIR/console-KVER.log (-N: console-nft61-KVER.log).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)

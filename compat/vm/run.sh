@@ -37,7 +37,7 @@ while getopts k:t:SLN opt; do
         S) stage2=0 ;;
         L) lab=1 ;;
         N) nft61=1 ;;
-        *) sed -n '2,25p' "$0" >&2; exit 2 ;;
+        *) sed -n '2,24p' "$0" >&2; exit 2 ;;
     esac
 done
 [ -n "$kver" ] || kver=$(ls /lib/modules 2>/dev/null | grep '^6\.1\.' | sort -V | tail -n1 || true)

@@ -123,6 +123,10 @@ share=""
 append="console=ttyS0 panic=-1 quiet nftsync.hz=${hz:-250}"
 if [ "$stage2" = 1 ]; then
     share="-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+    # The checkout on its own too: it may sit on a mount the root share does not reach into (a
+    # CI clone under /tmp, which the guest covers with a tmpfs).
+    share="$share -virtfs local,path=$repo,mount_tag=repo,security_model=none,readonly=on"
+    share="$share,multidevs=remap"
     append="$append nftsync.repo=$repo"
     [ "$lab" = 1 ] && append="$append nftsync.lab=1"
 fi

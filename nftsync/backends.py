@@ -68,13 +68,12 @@ def set_state(farm: Farm, mark: int, state: BackendState, nft: Nft | None = None
         states[mark] = state
     cmds = states_commands(farm, states)
     removed = 0
-    if state is BackendState.DOWN:
-        for role in (Role.SESSIONS,):
-            if role in farm.maps:
-                table = NftSessionMap(farm.maps[role], nft)
-                keys = [s.key for s in table.list() if s.mark == mark]
-                removed += len(keys)
-                cmds += table.commands(delete=keys)
+    if state is BackendState.DOWN and Role.SESSIONS in farm.maps:
+        # Timed sessions only: static pins are the operator's decision (`sessions del --static`).
+        table = NftSessionMap(farm.maps[Role.SESSIONS], nft)
+        keys = [s.key for s in table.list() if s.mark == mark]
+        removed = len(keys)
+        cmds += table.commands(delete=keys)
     nft.cmd("\n".join(cmds), what=f"set backend {mark:#x} of farm {farm.name} {state.value}")
     flushed = flush_conntrack(mark) if state is BackendState.DOWN else 0
     return {"farm": farm.name, "backend": f"{mark:#x}", "address": farm.backends[mark],

@@ -21,7 +21,6 @@ from nftsync.model import (
     MapRef,
     Role,
     SessionMap,
-    key_from_json,
     key_type_of,
     parse_comment,
 )
@@ -242,7 +241,3 @@ def chain_header(chain: dict[str, Any]) -> str:
         return "regular"
     dev = chain.get("dev", "")
     return f"{chain.get('type')} {chain['hook']} {chain.get('prio')} {dev} {chain.get('policy')}"
-
-
-def session_key(key: Any) -> tuple[str, ...]:
-    return key_from_json(key)

@@ -41,10 +41,9 @@ declare -A PEER=([lb1]=lb2 [lb2]=lb1)
 # lb1 wins when both start together; with nopreempt a higher priority never takes the VIP back.
 declare -A PRIO=([lb1]=150 [lb2]=100)
 
-die() {
-    echo "ha.sh: $*" >&2
-    exit 1
-}
+PROG=ha.sh
+# shellcheck source=netns-lab/common.sh
+. "$HERE/common.sh"
 
 usage() { # exit-status
     # The header comment, up to the first line that is not a comment.
@@ -52,13 +51,6 @@ usage() { # exit-status
     exit "$1"
 }
 
-default_python() {
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then
-        echo "$ROOT/.venv/bin/python"
-    else
-        echo /usr/bin/python3
-    fi
-}
 PY="${LAB_PYTHON:-$(default_python)}"
 
 check_settings() {
@@ -85,22 +77,8 @@ need_lab() {
     mkdir -p "$HA"
 }
 
-ipn() { # node ip-args...
-    local node=$1
-    shift
-    ip -n "$LAB-$node" "$@"
-}
 
 # --- processes (pid + start time, so a recycled pid is never signalled) -----------------------
-proc_starttime() { # pid
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    # shellcheck disable=SC2086
-    set -- $stat
-    [[ "$1" != Z ]] || return 1
-    echo "${20}"
-}
 
 # The recorded keepalived parent of NODE, if it is still that process; prints its pid.
 running_pid() { # node

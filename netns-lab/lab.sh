@@ -22,27 +22,15 @@ VIP6=fd00:10::100
 GW4=10.20.0.1
 GW6=fd00:20::1
 
-die() {
-    echo "lab.sh: $*" >&2
-    exit 1
-}
+PROG=lab.sh
+# shellcheck source=netns-lab/common.sh
+. "$HERE/common.sh"
 
 usage() { # exit-status
     sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit "$1"
 }
 
-default_python() {
-    # The project venv when there is one (tests pass LAB_PYTHON=sys.executable anyway): the system
-    # python3 on PATH may be a slow shim.
-    if [[ -x "$HERE/../.venv/bin/python" ]]; then
-        echo "$HERE/../.venv/bin/python"
-    elif [[ -x /usr/bin/python3 ]]; then
-        echo /usr/bin/python3
-    else
-        command -v python3
-    fi
-}
 PY="${LAB_PYTHON:-$(default_python)}"
 
 check_int() { # name value min max
@@ -65,11 +53,6 @@ check_counts() {
 
 need_root() { [[ "$(id -u)" == 0 ]] || die "needs root (network namespaces)"; }
 
-ipn() { # node ip-args...
-    local node=$1
-    shift
-    ip -n "$LAB-$node" "$@"
-}
 
 nsx() { # node cmd...
     local node=$1
@@ -89,17 +72,6 @@ lab_is_up() { [[ -d "$STATE" ]] && ns_exists sw; }
 
 require_up() { lab_is_up || die "lab '$LAB' is not up (run: LAB=$LAB $0 up)"; }
 
-# Field 22 of /proc/pid/stat (comm may hold spaces: cut after the last ')'); fails for a pid that
-# is gone or a zombie (dead, only not reaped yet by whoever inherited it).
-proc_starttime() { # pid
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    # shellcheck disable=SC2086
-    set -- $stat
-    [[ "$1" != Z ]] || return 1
-    echo "${20}"
-}
 
 record_pid() { # pid name
     local start

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nftsync.errors import NftsyncError
-from nftsync.netlink.core import NetlinkError
 from nftsync.netlink.ctnetlink import CtEntry, CtWriter
 from nftsync.netlink.nftwriter import SetElemWriter, key_length
 from nftsync.nft import Nft
@@ -205,36 +204,30 @@ class NftSink:
 
     def _apply_now(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
         self.thread_ids.add(threading.get_native_id())
-        if self.elem_writer is not None and _netlink_ok(rmap):
-            try:
-                if self._apply_netlink(rmap, ops):
-                    self.stats.transactions += 1
-                    self.stats.applied += len(ops)
-                    return
-            except NetlinkError as exc:  # the kernel refused: nothing changed
-                if len(ops) == 1:
-                    self._fail(rmap, ops[0], exc)
-                    return
-                self.stats.retries += 1
-                for op in ops:  # one surprise must not lose the batch: element by element
-                    self._apply_one(rmap, op)
-                return
-            except OSError as exc:  # not sent (e.g. larger than the send buffer): nft text
-                log.warning("netlink element batch for %s not sent (%s): using libnftables",
-                            rmap.smap.ref, exc)
-        cmds = self._commands(rmap, ops)
         try:
-            self.nft.cmd(cmds, what=f"replicate into {rmap.smap.ref}")
-            self.stats.transactions += 1
-            self.stats.applied += len(ops)
-            return
-        except NftsyncError as exc:
+            self._write_batch(rmap, ops)
+        except NftsyncError as exc:  # the kernel refused the transaction: nothing changed
             if len(ops) == 1:
                 self._fail(rmap, ops[0], exc)
                 return
             self.stats.retries += 1
-        for op in ops:  # one surprise must not lose the batch: element by element
-            self._apply_one(rmap, op)
+            for op in ops:  # one surprise must not lose the batch: element by element
+                self._apply_one(rmap, op)
+            return
+        self.stats.transactions += 1
+        self.stats.applied += len(ops)
+
+    def _write_batch(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
+        """`ops` as one transaction: a hand-built netlink batch where the map allows it, else
+        libnftables text. Raises NftsyncError (NetlinkError included) if the kernel refuses."""
+        if self.elem_writer is not None and _netlink_ok(rmap):
+            try:
+                if self._apply_netlink(rmap, ops):
+                    return
+            except OSError as exc:  # not sent (e.g. larger than the send buffer): nft text
+                log.warning("netlink element batch for %s not sent (%s): using libnftables",
+                            rmap.smap.ref, exc)
+        self.nft.cmd(self._commands(rmap, ops), what=f"replicate into {rmap.smap.ref}")
 
     def _apply_one(self, rmap: ReplicatedMap, op: ElementOp) -> None:
         # The mirror may be wrong about the kernel (packet path, expiry): try the other belief.

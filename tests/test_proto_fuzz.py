@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -254,3 +256,159 @@ def test_server_survives_random_connections_concurrently() -> None:
         await _garbage_then_good(blobs, concurrent=True)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# ----------------------------------------------------------------------------- boundary values
+# Every integer field of both record types at 0, 1, max and max+1 (and -1), map_id / key lengths
+# at 0, 1, 64, 65 bytes, conntrack entries at 0, 1, 128, 129: exhaustively, not sampled, because
+# the bugs live exactly at these edges (issue 9: a 100-day expiry made every later UPDATES frame
+# fail to encode and the link reconnect forever).
+
+U32_EDGES = (-1, 0, 1, 0xFFFFFFFF, 0x1_0000_0000)
+U64_EDGES = (-1, 0, 1, 2**64 - 1, 2**64)
+LEN_EDGES = (0, 1, 64, 65)
+CT_LEN_EDGES = (0, 1, 128, 129)
+SESSION_OPS = (0, 1, 2, 3)
+
+
+def _fits(value: int, top: int) -> bool:
+    return 0 <= value <= top
+
+
+def _map_id(n: int) -> str:
+    """A map id of exactly n UTF-8 bytes, with multi-byte characters where n allows (so a check
+    that counted characters instead of bytes would let 65 bytes through)."""
+    return "é" * (n // 2) + "m" * (n % 2)
+
+
+def _check_round_trip(rec: SessionRecord | ConntrackRecord) -> None:
+    """Encode, decode alone and inside both record-carrying messages: equal, field by field."""
+    raw = rec.encode()
+    assert type(rec).decode(raw) == rec
+    for msg in (Updates(1, [rec, rec]), SnapshotChunk(2**64 - 1, [rec])):
+        assert decode_payload(msg.TYPE, msg.encode_payload()) == msg
+    # every truncation of a valid record is refused with ProtocolError, never another exception
+    for cut in range(len(raw)):
+        with contextlib.suppress(ProtocolError):
+            decode_records(memoryview(raw[:cut]), 1)
+            raise AssertionError(f"a record cut at {cut} of {len(raw)} bytes was accepted")
+
+
+def test_session_record_boundaries_round_trip_or_raise_value_error() -> None:
+    from nftsync.proto import MAX_REMAINING_MS
+
+    assert MAX_REMAINING_MS == 2**32 - 1
+    ok = refused = 0
+    for op, mark, remaining, updated, origin, mlen, klen in itertools.product(
+            SESSION_OPS, U32_EDGES, U32_EDGES, U64_EDGES, U32_EDGES, LEN_EDGES, LEN_EDGES):
+        rec = SessionRecord(op, _map_id(mlen), bytes(range(klen)), mark, remaining, updated,
+                            origin)
+        valid = (op in (1, 2) and _fits(mark, 0xFFFFFFFF) and _fits(remaining, MAX_REMAINING_MS)
+                 and _fits(updated, 2**64 - 1) and _fits(origin, 0xFFFFFFFF)
+                 and 0 < mlen <= 64 and 0 < klen <= 64)
+        if not valid:
+            try:
+                rec.encode()
+            except ValueError:
+                refused += 1
+                continue
+            raise AssertionError(f"out-of-range record was encoded: {rec}")
+        ok += 1
+        if mark in (0, 0xFFFFFFFF) and mlen in (1, 64) and klen in (1, 64):
+            _check_round_trip(rec)  # the slow part (truncations) on a representative subset
+        else:
+            assert SessionRecord.decode(rec.encode()) == rec
+    assert ok and refused
+
+
+def test_conntrack_record_boundaries_round_trip_or_raise_value_error() -> None:
+    for op, origin, updated, elen in itertools.product(
+            SESSION_OPS, U32_EDGES, U64_EDGES, CT_LEN_EDGES):
+        rec = ConntrackRecord(op, origin, updated, bytes([0xA5]) * elen)
+        valid = (op in (1, 2) and _fits(origin, 0xFFFFFFFF) and _fits(updated, 2**64 - 1)
+                 and 0 < elen <= 128)
+        if valid:
+            _check_round_trip(rec)
+            continue
+        try:
+            rec.encode()
+        except ValueError:
+            continue
+        raise AssertionError(f"out-of-range record was encoded: {rec}")
+
+
+def test_out_of_range_field_is_named_in_the_error() -> None:
+    """A whole frame is refused, and the ValueError says which field a sender must clamp."""
+    good = SessionRecord(1, "web/sessions", b"\x0a\x00\x00\x01", 0x200, 1000, 1, 1)
+    bad = SessionRecord(1, "web/sessions", b"\x0a\x00\x00\x02", 0x200, 100 * 86400 * 1000, 1, 1)
+    try:
+        encode_frame(Updates(1, [good, bad]), 5, KEY)
+    except ValueError as exc:
+        assert "remaining_ms" in str(exc) and "4294967295" in str(exc)
+    else:
+        raise AssertionError("a 100-day remaining_ms was encoded")
+
+
+_SESS_HDR = struct.Struct(">BHBIIQIBB")
+_CT_HDR = struct.Struct(">BHBIQ")
+
+
+def _raw_session(op: int, mlen: int, klen: int, *, mark: int = 0xFFFFFFFF,
+                 remaining: int = 0xFFFFFFFF, updated: int = 2**64 - 1, origin: int = 0xFFFFFFFF,
+                 body_extra: int = 0) -> bytes:
+    """A session record built byte by byte, so lengths the encoder refuses can be sent anyway."""
+    body_len = 23 + mlen + klen + body_extra
+    return _SESS_HDR.pack(1, body_len, op, mark, remaining, updated, origin, mlen, klen) + \
+        b"m" * mlen + b"\x01" * klen + b"\x00" * max(body_extra, 0)
+
+
+def test_hostile_session_lengths_and_ops_decode_only_to_protocol_error() -> None:
+    for op, mlen, klen, extra in itertools.product(range(0, 5), (0, 1, 64, 65, 255),
+                                                   (0, 1, 64, 65, 255), (-1, 0, 1)):
+        raw = _raw_session(op, mlen, klen, body_extra=extra)
+        valid = op in (1, 2) and 0 < mlen <= 64 and 0 < klen <= 64 and extra == 0
+        if valid:
+            rec = SessionRecord.decode(raw)
+            # the maximum of every integer field comes back exactly (no sign or width slip)
+            assert (rec.mark, rec.remaining_ms, rec.updated_ms, rec.origin) == \
+                (0xFFFFFFFF, 0xFFFFFFFF, 2**64 - 1, 0xFFFFFFFF)
+            assert rec.encode() == raw
+            continue
+        with contextlib.suppress(ProtocolError):
+            decode_records(memoryview(raw), 1)
+            raise AssertionError(f"accepted op={op} map_len={mlen} key_len={klen} extra={extra}")
+        for mtype in (Updates.TYPE, SnapshotChunk.TYPE):
+            payload = (8 * b"\xff") + (1).to_bytes(4, "big") + raw
+            decode_or_protocol_error(strict_decode, mtype, payload)
+
+
+def test_hostile_conntrack_lengths_and_ops_decode_only_to_protocol_error() -> None:
+    for op, elen in itertools.product(range(0, 5), (0, 1, 128, 129, 0xFFFF - 13)):
+        raw = _CT_HDR.pack(2, 13 + elen, op, 0xFFFFFFFF, 2**64 - 1) + b"\x5a" * elen
+        valid = op in (1, 2) and 0 < elen <= 128
+        if valid:
+            rec = ConntrackRecord.decode(raw)
+            assert (rec.origin, rec.updated_ms, len(rec.entry)) == (0xFFFFFFFF, 2**64 - 1, elen)
+            assert rec.encode() == raw
+            continue
+        with contextlib.suppress(ProtocolError):
+            decode_records(memoryview(raw), 1)
+            raise AssertionError(f"accepted conntrack op={op} entry of {elen} bytes")
+
+
+@FAST
+@given(st.sampled_from(SESSION_OPS), st.sampled_from(U32_EDGES), st.sampled_from(U32_EDGES),
+       st.sampled_from(U64_EDGES), st.sampled_from(U32_EDGES), st.sampled_from(LEN_EDGES),
+       st.sampled_from(LEN_EDGES), st.data())
+def test_boundary_records_mutated_only_raise_protocol_error(op, mark, remaining, updated, origin,
+                                                            mlen, klen, data) -> None:
+    """Edge-valued records with flipped bits: the decoder's range checks at their limits."""
+    rec = SessionRecord(op, _map_id(mlen), b"\x07" * klen, mark, remaining, updated, origin)
+    try:
+        raw = bytearray(rec.encode())
+    except ValueError:
+        return
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    decode_or_protocol_error(decode_records, memoryview(bytes(raw)), 1)

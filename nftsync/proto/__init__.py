@@ -15,6 +15,7 @@ from nftsync.proto.frames import (
     CAP_SESSIONS,
     FLAG_IGNORABLE,
     MAX_PAYLOAD,
+    MAX_REMAINING_MS,
     OP_ADD,
     OP_DELETE,
     OP_UPSERT,
@@ -42,10 +43,10 @@ from nftsync.proto.frames import (
 )
 
 __all__ = [
-    "CAP_CONNTRACK", "CAP_DEFAULT", "CAP_SESSIONS", "FLAG_IGNORABLE", "MAX_PAYLOAD", "OP_ADD",
-    "OP_DELETE", "OP_UPSERT", "PROTOCOL_VERSION", "Ack", "Auth", "AuthError", "AuthOk",
-    "Channel", "ConnectionClosed", "ConntrackRecord", "Heartbeat", "Hello", "Identity",
-    "KeyFileError", "Message", "MsgType", "PeerInfo", "PeerRefused", "ProtocolError", "Record",
-    "Refuse", "RefuseReason", "ResyncRequest", "SessionRecord", "SnapshotBegin", "SnapshotChunk",
-    "SnapshotEnd", "Updates", "load_key", "split_records",
+    "CAP_CONNTRACK", "CAP_DEFAULT", "CAP_SESSIONS", "FLAG_IGNORABLE", "MAX_PAYLOAD",
+    "MAX_REMAINING_MS", "OP_ADD", "OP_DELETE", "OP_UPSERT", "PROTOCOL_VERSION", "Ack", "Auth",
+    "AuthError", "AuthOk", "Channel", "ConnectionClosed", "ConntrackRecord", "Heartbeat", "Hello",
+    "Identity", "KeyFileError", "Message", "MsgType", "PeerInfo", "PeerRefused", "ProtocolError",
+    "Record", "Refuse", "RefuseReason", "ResyncRequest", "SessionRecord", "SnapshotBegin",
+    "SnapshotChunk", "SnapshotEnd", "Updates", "load_key", "split_records",
 ]

@@ -50,6 +50,11 @@ PROOF_LEN = 32
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
+#: Longest time left a SessionRecord can carry: `remaining_ms` is a u32 of milliseconds
+#: (~49.7 days). `nftsync apply` and `nftsync sessions add` refuse timeouts above it, so that
+#: every session the kernel holds can be replicated; docs/protocol.md "Field ranges".
+MAX_REMAINING_MS = U32_MAX
+
 
 class ProtocolError(NftsyncError):
     """A peer sent bytes that break the protocol (malformed, tampered, replayed, out of order).
@@ -252,8 +257,24 @@ def encode_records(records: Iterable[Record]) -> bytes:
             else:
                 raise TypeError(f"not a record: {type(r).__name__}")
     except struct.error as exc:
-        raise ValueError(f"record field out of range: {exc}") from exc
+        # Only on the error path: name the field, so the log says what a caller must clamp.
+        raise ValueError(f"record field out of range: {_out_of_range(r)} ({exc})") from exc
     return b"".join(parts)
+
+
+_SESSION_RANGES = (("mark", U32_MAX), ("remaining_ms", MAX_REMAINING_MS),
+                   ("updated_ms", U64_MAX), ("origin", U32_MAX))
+_CONNTRACK_RANGES = (("origin", U32_MAX), ("updated_ms", U64_MAX))
+
+
+def _out_of_range(r: Record) -> str:
+    """Which integer field of `r` does not fit its wire width, as `Type.field=value (0..max)`."""
+    ranges = _SESSION_RANGES if type(r) is SessionRecord else _CONNTRACK_RANGES
+    for name, top in ranges:
+        value = getattr(r, name)
+        if type(value) is not int or not 0 <= value <= top:
+            return f"{type(r).__name__}.{name}={value!r} (must be an integer 0..{top})"
+    return f"{type(r).__name__}"
 
 
 # bytes -> str for map ids: a daemon replicates a handful of maps, so decoding each name once per

@@ -34,6 +34,7 @@ from nftsync import backends as backend_states
 from nftsync.errors import RulesetError
 from nftsync.model import Farm, Role, Session, SessionMap
 from nftsync.nft import Nft
+from nftsync.proto.frames import MAX_REMAINING_MS
 from nftsync.ruleset import (
     Desired,
     TableBlocks,
@@ -43,7 +44,9 @@ from nftsync.ruleset import (
     current_tables,
     discover_farms,
     evaluate_file,
+    line_of_long_time,
 )
+from nftsync.sessions import WIRE_LIMIT_TEXT, format_duration
 from nftsync.tables.nftmap import NftSessionMap
 
 STAMP_DIR = Path(os.environ.get("NFTSYNC_STATE_DIR", "/run/nftsync")) / "applied"
@@ -84,7 +87,11 @@ class Plan:
 def check(path: str) -> Desired:
     """Validate only: syntax and kernel checks, then the nftsync map convention."""
     desired = evaluate_file(path)
-    discover_farms(desired.maps)
+    try:
+        farms = discover_farms(desired.maps)
+    except RulesetError as exc:
+        raise RulesetError(f"{path}: {exc}") from None
+    check_wire_limits(path, desired, farms)
     return desired
 
 
@@ -99,6 +106,7 @@ def apply(path: str, *, dry_run: bool = False, force: bool = False, nft: Nft | N
         new_farms = discover_farms(desired.maps)
     except RulesetError as exc:
         raise RulesetError(f"{path}: {exc}") from None
+    check_wire_limits(path, desired, new_farms)
     plan = Plan(path=path, farms=sorted(new_farms))
     wanted = set(desired.tables)
     if not wanted:
@@ -122,6 +130,42 @@ def apply(path: str, *, dry_run: bool = False, force: bool = False, nft: Nft | N
     plan.applied = True
     _write_stamps(stamps, nft, wanted)
     return plan
+
+
+def check_wire_limits(path: str, desired: Desired, farms: dict[str, Farm]) -> None:
+    """Refuse a session map whose timeout, or an element's timeout/expiry, is longer than a
+    peer can be told (`remaining_ms` is a u32 of ms, ~49.7 days).
+
+    Why at apply time: the kernel takes such a map, but replicating its first client used to
+    stop the peer link for good (issue 9), and clamping silently would leave the cluster
+    disagreeing about expiries. The error names the file, the line and the limit.
+    """
+    for farm in sorted(farms.values(), key=lambda f: f.name):
+        smap = farm.maps.get(Role.SESSIONS)
+        if smap is None:
+            continue
+        ref = smap.ref
+        found = None
+        obj = next((w["map"] for w in desired.maps if "map" in w and
+                    (w["map"]["family"], w["map"]["table"], w["map"]["name"]) ==
+                    (ref.family, ref.table, ref.name)), {})
+        if (obj.get("timeout") or 0) * 1000 > MAX_REMAINING_MS:
+            found = f"timeout {format_duration(obj['timeout'] * 1000)}"
+        for item in obj.get("elem", []) or []:
+            key = item[0] if isinstance(item, list) else item
+            attrs = key.get("elem", {}) if isinstance(key, dict) else {}
+            for word in ("timeout", "expires"):
+                if found is None and (attrs.get(word) or 0) * 1000 > MAX_REMAINING_MS:
+                    found = f"element {attrs.get('val')}: {word} " \
+                            f"{format_duration(attrs[word] * 1000)}"
+        where = line_of_long_time(path, ref.family, ref.table, ref.name, MAX_REMAINING_MS)
+        if where is not None and where[1] is not None:
+            found = where[1]  # the words as the user wrote them, on their own line
+        if found is None:
+            continue
+        at = f"{path}:{where[0]}" if where is not None else path
+        raise RulesetError(f"{at}: map {ref}: {found} is longer than replication can carry "
+                           f"({WIRE_LIMIT_TEXT}); nothing was changed")
 
 
 def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -241,3 +242,80 @@ def chain_header(chain: dict[str, Any]) -> str:
         return "regular"
     dev = chain.get("dev", "")
     return f"{chain.get('type')} {chain['hook']} {chain.get('prio')} {dev} {chain.get('policy')}"
+
+
+# -- locating a map's declaration in a ruleset file, for one-line errors that name the line -----
+
+_FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+_TABLE_LINE = re.compile(r"^\s*(?:add\s+|create\s+)?table\s+(?:(" + "|".join(_FAMILIES)
+                         + r")\s+)?([\w.-]+)")
+_TIME_TOKEN = re.compile(r"\b(timeout|expires)\s+([0-9][0-9a-z]*)\b")
+_TIME_PART = re.compile(r"(\d+)(ms|d|h|m|s)")
+_TIME_UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+
+
+def nft_time_ms(text: str) -> int | None:
+    """An nft time as written in a ruleset (`120`, `120s`, `60d`, `1d2h3m4s5ms`) in ms, or None
+    when it is not one (a `$variable`, a typo): nft itself is the judge of the syntax."""
+    if text.isdigit():
+        return int(text) * 1000
+    total, pos = 0, 0
+    for m in _TIME_PART.finditer(text):
+        if m.start() != pos:
+            return None
+        total += int(m.group(1)) * _TIME_UNIT_MS[m.group(2)]
+        pos = m.end()
+    return total if pos == len(text) and pos else None
+
+
+def map_declaration_lines(source: str, family: str, table: str, name: str) -> range | None:
+    """Line numbers (1-based) of the block that declares map `name`, preferring the one inside
+    `table family table`; None if the file does not declare it itself (e.g. an include)."""
+    decl = re.compile(r"^\s*(?:add\s+|create\s+)?map\s+(?:(?:" + "|".join(_FAMILIES)
+                      + r")\s+)?(?:[\w.-]+\s+)?" + re.escape(name) + r"\s*\{")
+    lines = source.splitlines()
+    current: tuple[str, str] | None = None
+    first: int | None = None
+    chosen: int | None = None
+    for number, line in enumerate(lines, 1):
+        code = line.split("#", 1)[0]
+        t = _TABLE_LINE.match(code)
+        if t:
+            current = (t.group(1) or "ip", t.group(2))
+        if decl.match(code):
+            first = first or number
+            if current == (family, table) or f" {family} {table} {name}" in code:
+                chosen = number
+                break
+    start = chosen or first
+    if start is None:
+        return None
+    depth = 0
+    for number in range(start, len(lines) + 1):
+        code = lines[number - 1].split("#", 1)[0]
+        depth += code.count("{") - code.count("}")
+        if depth <= 0:
+            return range(start, number + 1)
+    return range(start, len(lines) + 1)
+
+
+def line_of_long_time(path: str, family: str, table: str, name: str,
+                      limit_ms: int) -> tuple[int, str | None] | None:
+    """Where map `name` (or one of its elements) gets a timeout or expiry above `limit_ms`:
+    (line, the words as written, e.g. "timeout 60d"); else (the line declaring the map, None);
+    None if the file does not declare the map itself."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    block = map_declaration_lines(source, family, table, name)
+    if block is None:
+        return None
+    lines = source.splitlines()
+    for number in block:
+        for m in _TIME_TOKEN.finditer(lines[number - 1].split("#", 1)[0]):
+            ms = nft_time_ms(m.group(2))
+            if ms is not None and ms > limit_ms:
+                return number, m.group(0)
+    return block.start, None

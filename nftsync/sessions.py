@@ -11,6 +11,7 @@ from typing import Any
 from nftsync.errors import KernelError, SessionError
 from nftsync.model import Farm, Role, Session, parse_key
 from nftsync.nft import Nft
+from nftsync.proto.frames import MAX_REMAINING_MS
 from nftsync.ruleset import current_farms
 from nftsync.tables.nftmap import NftSessionMap
 
@@ -35,6 +36,33 @@ def parse_duration(text: str) -> int:
     if seconds < 1:
         raise SessionError(f"duration {text!r} is shorter than one second")
     return int(seconds)
+
+
+def format_duration(ms: int) -> str:
+    """`4294967295` -> `49d17h2m47s295ms`: how nft writes a time, so users can paste it back."""
+    out = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000),
+                       ("ms", 1)):
+        n, ms = divmod(ms, size)
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out) or "0s"
+
+
+#: What a peer can be told (the protocol's u32 `remaining_ms`), in words for error messages.
+WIRE_LIMIT_TEXT = f"at most {MAX_REMAINING_MS} ms = {format_duration(MAX_REMAINING_MS)}"
+
+
+def check_replicable(seconds: int | None, what: str) -> None:
+    """Refuse an expiry the peer protocol cannot carry, before anything touches the kernel.
+
+    Why refuse rather than clamp: the kernel would hold the long expiry while every peer holds
+    a shorter one, so the cluster would disagree about the session from the first failover on;
+    and a record that cannot be encoded used to stop all replication (issue 9).
+    """
+    if seconds is not None and seconds * 1000 > MAX_REMAINING_MS:
+        raise SessionError(f"{what} ({seconds}s) is longer than replication can carry "
+                           f"({WIRE_LIMIT_TEXT}); nothing was changed")
 
 
 def select_farm(name: str | None, nft: Nft | None = None) -> Farm:
@@ -91,8 +119,11 @@ def add_session(farm_name: str | None, client: str, backend: str, *,
         raise SessionError("static sessions do not expire: drop --expires, or add to the "
                            "timed session map (without --static)")
     seconds = parse_duration(expires) if expires is not None else None
+    check_replicable(seconds, f"--expires {expires}")
     if seconds is None and not static:
         seconds = table.smap.timeout
+        check_replicable(seconds, f"the timeout of map {table.smap.ref} (load a shorter one "
+                         "with nftsync apply)")
     session = Session(key=key, mark=mark, expires=seconds)
     replaced = table.replace(session)
     role = Role.STATIC if static else Role.SESSIONS

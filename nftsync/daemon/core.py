@@ -8,8 +8,10 @@ Learning (the kernel does not tell us everything):
 * one dump of the maps and the farms' conntrack entries at start-up, and again only after an
   event-socket overrun or an explicit resync: never periodically (a big map dumps slowly).
 
-Everything learned goes into the mirror (origin = this node) and into every peer's send queue.
-Records from peers go through the conflict rule into the mirror and, if they win, into the kernel.
+Everything learned goes into the replica (`nftsync.replication`, origin = this node) and into
+every peer's send queue. Records from peers go through the replica's checks and conflict rule and,
+if they win, into the kernel. The rules themselves (what a snapshot means, when a deletion
+travels) live in the replica, not here: this module does the I/O around them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 from nftsync.daemon.config import DaemonConfig
 from nftsync.errors import NftsyncError
-from nftsync.netlink.ctnetlink import CtEntry, CtEvent, CtEventSocket, CtFormatError, dump
+from nftsync.netlink.ctnetlink import CtEntry, CtEvent, CtEventSocket, dump
 from nftsync.netlink.nftables import (
     NftEventSocket,
     Overrun,
@@ -40,30 +42,27 @@ from nftsync.netlink.nftables import (
 )
 from nftsync.nft import Nft
 from nftsync.proto import (
-    OP_ADD,
-    OP_DELETE,
-    OP_UPSERT,
+    MAX_REMAINING_MS,
     AuthError,
     Channel,
     ConnectionClosed,
-    ConntrackRecord,
     Identity,
     ProtocolError,
     Record,
     RefuseReason,
     ResyncRequest,
-    SessionRecord,
 )
+from nftsync.replication import FOUND_CT_MS, ElementOp, MapPolicy, Replica
+from nftsync.replication.table import Table
 from nftsync.ruleset import current_farms
 from nftsync.tables.nftmap import NftSessionMap
 
+from .clock import now_ms
 from .farms import FarmView, ReplicatedMap
 from .legacy import LegacyMap, load_legacy_maps
-from .mirror import UNVERIFIED, Entry, Table, now_ms
 from .peer import PeerLink, record_key
 from .sink import (
     CtSink,
-    ElementOp,
     KernelWriter,
     NftSink,
     attach_echo_filter,
@@ -72,7 +71,7 @@ from .sink import (
 
 log = logging.getLogger("nftsync.daemon")
 
-CT_TABLE = "conntrack"
+DEFAULT_CAPACITY = 1 << 22  # bound per origin for a map without `size` (the kernel has none)
 STARTUP_GRACE_S = 5.0
 SWEEP_INTERVAL_S = 0.2  # expiry sweep slices; other housekeeping once a second
 GC_FULL_S = 900.0  # full cyclic garbage collection (unfrozen): a stall of ~0.5 s per 1M entries
@@ -86,15 +85,16 @@ class Daemon:
         self.started = time.monotonic()
         self.identity = Identity(config.cluster, config.node_id, config.node_name)
         self.view = FarmView()
-        self.sessions: dict[str, Table] = {}
-        self.conntrack = Table(CT_TABLE)
+        self.replica = Replica(config.node_id)
+        self.sessions: dict[str, Table] = self.replica.sessions  # map_id -> table (same dict)
+        self.conntrack: Table = self.replica.conntrack
         self.links: dict[str, PeerLink] = {}
         self.inbound: list[PeerLink] = []
         self.counters: dict[str, int] = {
             "ct_events": 0, "nft_events": 0, "ct_overruns": 0, "nft_overruns": 0,
             "reconciles": 0, "learned_sessions": 0, "learned_conntrack": 0,
-            "admin_changes": 0, "auth_failures": 0, "unknown_map": 0, "bad_records": 0,
-            "expired": 0, "farm_reloads": 0,
+            "admin_changes": 0, "auth_failures": 0, "expired": 0, "farm_reloads": 0,
+            "ct_mark_conflicts": 0,
         }
         self.last_error = ""
         self._stop = asyncio.Event()
@@ -105,7 +105,6 @@ class Daemon:
         self._reload_farms = False
         self._reconcile_ct = False
         self._reconcile_maps = False
-        self._snapshotted: set[int] = set()  # origins whose snapshot completed since start
         self._last_full_gc = time.monotonic()
         self._echo_filter: object | None = None  # BPF program dropping our own nft events
         self.nft = Nft()
@@ -188,8 +187,7 @@ class Daemon:
             log.error("%s", self.last_error)
             return
         self.view = FarmView.build(farms, self.config.farms)
-        for map_id in self.view.maps:
-            self.sessions.setdefault(map_id, Table(map_id))
+        self._set_policies()
         if self._ct_events is not None:
             self._ct_events.marks = frozenset(self.view.marks)
         self.counters["farm_reloads"] += 1
@@ -198,11 +196,29 @@ class Daemon:
 
     def _load_legacy(self) -> None:
         self.legacy = load_legacy_maps(self.config.legacy_farms)
-        for map_id in self.legacy:
-            self.sessions.setdefault(map_id, Table(map_id))
+        self._set_policies()
         if self.legacy:
             log.info("legacy xt_recent tables: %s", ", ".join(
                 lm.table.name for lm in self.legacy.values()))
+
+    def _set_policies(self) -> None:
+        """Tell the replica what each replicated map may hold: its farm's backend marks, its
+        size, its timeout (peer records are checked against these)."""
+        policies: dict[str, MapPolicy] = {}
+        for map_id, rmap in self.view.maps.items():
+            smap = rmap.smap
+            farm = self.view.farms[smap.farm]
+            timeout_ms = min((smap.timeout or 0) * 1000, MAX_REMAINING_MS)
+            policies[map_id] = MapPolicy(
+                marks=frozenset(farm.backends), capacity=smap.size or DEFAULT_CAPACITY,
+                max_ms=timeout_ms or MAX_REMAINING_MS, static=not smap.timeout,
+                key_valid=rmap.key_valid)
+        for map_id, lm in self.legacy.items():
+            policies[map_id] = MapPolicy(marks=frozenset((lm.mark,)),
+                                         capacity=lm.table.capacity,
+                                         max_ms=MAX_REMAINING_MS, key_valid=lm.key_valid)
+        legacy_marks = {lm.mark for lm in self.legacy.values()}
+        self.replica.set_maps(policies, self.view.marks | legacy_marks)
 
     def _target(self, map_id: str) -> ReplicatedMap | LegacyMap | None:
         """Where records of `map_id` go: an nft session map, or a legacy xt_recent table."""
@@ -214,69 +230,77 @@ class Daemon:
         else:
             self.nft_sink.apply(target, ops)
 
-    def _poll_legacy(self, origin: int) -> None:
-        """xt_recent raises no events: what changed since the last poll is a local change."""
+    def _poll_legacy(self, startup: bool = False) -> None:
+        """xt_recent raises no events: what changed since the last poll is a local change
+        (at start-up: what the kernel holds, of no known author)."""
         now = time.monotonic()
+        wall = now_ms()
+        replica = self.replica
         for map_id, lm in self.legacy.items():
-            table = self.sessions[map_id]
             for ch in lm.read():
-                if ch.mark is None:
-                    e = table.local_delete(ch.key, origin)
-                    if e is not None:
-                        self._enqueue(SessionRecord(OP_DELETE, map_id, ch.key, 0, 0,
-                                                    e.updated_ms, origin))
+                expires = now + ch.remaining_ms / 1000
+                if startup:
+                    if ch.mark is not None:
+                        replica.found_session(map_id, ch.key, ch.mark, expires, FOUND_CT_MS)
                     continue
-                e = table.local_set(ch.key, ch.mark, now + ch.remaining_ms / 1000, origin)
-                self.counters["learned_sessions"] += 1
-                if origin == self.node_id:
-                    self._enqueue_session(map_id, ch.key, e)
+                if ch.mark is None:
+                    rec = replica.local_session_delete(map_id, ch.key, now, wall)
+                else:
+                    rec = replica.local_session(map_id, ch.key, ch.mark, expires, now, wall)
+                    self.counters["learned_sessions"] += 1
+                if rec is not None:
+                    self._enqueue(rec)
 
     def _initial_dump(self) -> None:
-        """The only full read of the kernel: what is there now becomes the mirror's start."""
-        origin = self.node_id if self.role == "active" else UNVERIFIED
+        """The only full read of the kernel. What is there has no known author: it fills what
+        peers lack and yields to any live change they know of (nftsync.replication)."""
         for rmap in self.view.maps.values():
-            self._dump_map(rmap, origin)
-        self._poll_legacy(origin)
+            self._dump_map(rmap, startup=True)
+        self._poll_legacy(startup=True)
         if self.config.conntrack:
-            self._dump_conntrack(origin)
+            self._dump_conntrack()
 
-    def _dump_map(self, rmap: ReplicatedMap, origin: int) -> int:
+    def _dump_map(self, rmap: ReplicatedMap, startup: bool) -> int:
+        """Read one map. At start-up its elements are found state; later (a new map, lost nft
+        events) an element that differs from what we hold is a local change we did not hear of."""
         try:
             elems = NftSessionMap(rmap.smap, self.nft).list()
         except NftsyncError as exc:
             log.error("dumping %s: %s", rmap.smap.ref, exc)
             return 0
+        replica = self.replica
         table = self.sessions[rmap.map_id]
         now = time.monotonic()
         wall = now_ms()
         types = list(rmap.smap.key_type)
-        seen = set()
+        n = 0
         for s in elems:
             try:
                 key = join_concat(list(s.key), types)
             except NftsyncError:
                 continue
-            seen.add(key)
-            cur = table.get(key)
-            if cur is not None and cur.value == s.mark:
-                continue
+            n += 1
             expires = None if s.expires is None else now + s.expires
-            # Estimate the last refresh from the expiry: expires = refresh + timeout.
-            age = (s.timeout or 0) - (s.expires or 0)
-            table.local_set(key, s.mark, expires, origin, updated_ms=wall - max(0, age) * 1000)
-            if origin == self.node_id:
-                self._enqueue_session(rmap.map_id, key, table.get(key))
-        log.info("map %s: %d element(s) at start-up", rmap.smap.ref, len(elems))
-        return len(seen)
+            if startup:
+                # The last refresh, from the expiry: expires = refresh + timeout.
+                age = max(0, (s.timeout or 0) - (s.expires or 0))
+                replica.found_session(rmap.map_id, key, s.mark, expires, wall - age * 1000)
+                continue
+            cur = table.get(key)
+            if cur is None or cur.value != s.mark:
+                self._enqueue(replica.local_session(rmap.map_id, key, s.mark, expires, now,
+                                                    wall))
+        log.info("map %s: %d element(s) read", rmap.smap.ref, n)
+        return n
 
-    def _dump_conntrack(self, origin: int) -> None:
+    def _dump_conntrack(self) -> None:
         marks = self.view.marks
         n = 0
         now = time.monotonic()
         for ct in dump():
             if ct.mark not in marks:
                 continue
-            self.conntrack.local_set(ct.key, ct, now + ct.timeout, origin)
+            self.replica.found_ct(ct, now + ct.timeout)
             n += 1
         log.info("conntrack: %d entr%s of the farms at start-up", n, "y" if n == 1 else "ies")
 
@@ -296,17 +320,17 @@ class Daemon:
 
     def _learn_ct(self, events: list[tuple[CtEvent, CtEntry]]) -> None:
         # The hot path of the active node: clocks are read once per batch, the peers' queues
-        # are looked up once, and records go straight into them (no per-record helper calls).
+        # are looked up once, and records go straight into them.
         now = time.monotonic()
         wall = now_ms()
-        me = self.node_id
+        replica = self.replica
         table = self.conntrack
         by_mark = self.view.by_mark
         sessions = self.sessions
         replicate_ct = self.config.conntrack
         links = self._all_links()
         new_ev, destroy_ev, tcp = CtEvent.NEW, CtEvent.DESTROY, socket.IPPROTO_TCP
-        learned_sessions = learned_ct = 0
+        learned_sessions = learned_ct = conflicts = 0
         self.counters["ct_events"] += len(events)
         for ev, ct in events:
             if ev == new_ev:
@@ -315,36 +339,41 @@ class Daemon:
                     key = recipe.key(ct, rmap.smap.key_type) if recipe is not None else None
                     if key is None:
                         continue
-                    timeout = rmap.smap.timeout
                     map_id = rmap.map_id
-                    e = sessions[map_id].local_set(key, ct.mark, now + timeout if timeout
-                                                   else None, me, now=now, wall_ms=wall)
+                    cur = sessions[map_id].live.get(key)
+                    if cur is not None and cur.value != ct.mark and \
+                            (cur.expires_at is None or cur.expires_at > now):
+                        # The packet path updates the map with the connection's mark, so a
+                        # NEW entry that contradicts a live session did not come from it (it
+                        # was inserted): the map, which we hold, stays the truth.
+                        conflicts += 1
+                        continue
+                    timeout = rmap.smap.timeout
+                    rec = replica.local_session(map_id, key, ct.mark, now + timeout
+                                                if timeout else None, now, wall)
                     learned_sessions += 1
-                    rec = SessionRecord(OP_ADD, map_id, key, e.value, timeout * 1000 if timeout
-                                        else 0, e.updated_ms, me)
                     for link in links:
                         link.enqueue((map_id, key), rec)
             if not replicate_ct:
                 continue
-            key = ct.key
             if ev == destroy_ev:
-                e = table.local_delete(key, me)
-                if e is not None:
-                    self._enqueue(ConntrackRecord(OP_DELETE, me, e.updated_ms, ct.to_bytes()))
+                rec = replica.local_ct_destroy(ct, now, wall)
+                if rec is not None:
+                    self._enqueue(rec)
                 continue
             if ct.tcp_state is None and ct.l4proto == tcp:
-                prev = table.get(key)
+                prev = table.live.get(ct.key)
                 if prev is not None:
                     ct.tcp_state = prev.value.tcp_state  # UPDATE carries the state only on change
-            e = table.local_set(key, ct, now + ct.timeout, me, now=now, wall_ms=wall)
+            rec = replica.local_ct(ct, now + ct.timeout, now, wall)
             learned_ct += 1
             if links:
-                rec = ConntrackRecord(OP_UPSERT, me, e.updated_ms, ct.to_bytes())
                 qkey = record_key(rec)
                 for link in links:
                     link.enqueue(qkey, rec)
         self.counters["learned_sessions"] += learned_sessions
         self.counters["learned_conntrack"] += learned_ct
+        self.counters["ct_mark_conflicts"] += conflicts
 
     def _on_nft_events(self) -> None:
         sock = self._nft_events
@@ -362,41 +391,32 @@ class Daemon:
                     self._learn_nft(item)
 
     def _learn_nft(self, tx: Transaction) -> None:
-        me = self.node_id
+        """Another process's transaction on a replicated map: an admin change, seen live."""
+        replica = self.replica
         for ev in tx.events:
             if isinstance(ev, SetElemEvent):
                 rmap = self.view.by_ref.get((ev.family, ev.table, ev.set))
                 if rmap is None:
                     continue
-                table = self.sessions[rmap.map_id]
                 now = time.monotonic()
+                wall = now_ms()
                 for el in ev.elements:
                     key = bytes(el.key)
                     if ev.op == "delete":
-                        e = table.local_delete(key, me)
-                        if e is not None:
-                            self.counters["admin_changes"] += 1
-                            self._enqueue(SessionRecord(OP_DELETE, rmap.map_id, key, 0, 0,
-                                                        e.updated_ms, me))
+                        rec = replica.local_session_delete(rmap.map_id, key, now, wall)
+                    elif el.data is None or len(el.data) != 4:
                         continue
-                    if el.data is None or len(el.data) != 4:
-                        continue
-                    mark = int.from_bytes(el.data, sys.byteorder)  # nft marks: host order
-                    expires = None if el.expiration_ms is None else now + el.expiration_ms / 1000
-                    e = table.local_set(key, mark, expires, me)
+                    else:
+                        mark = int.from_bytes(el.data, sys.byteorder)  # nft marks: host order
+                        expires = None if el.expiration_ms is None else \
+                            now + el.expiration_ms / 1000
+                        rec = replica.local_session(rmap.map_id, key, mark, expires, now, wall)
                     self.counters["admin_changes"] += 1
-                    self._enqueue_session(rmap.map_id, key, e)
+                    self._enqueue(rec)
             elif isinstance(ev, SetEvent | TableEvent):
                 self._reload_farms = True
 
     # == queues ===============================================================================
-    def _enqueue_session(self, map_id: str, key: bytes, e: Any) -> None:
-        if e is None:
-            return
-        rec = SessionRecord(OP_ADD, map_id, key, e.value, e.remaining_ms(time.monotonic()),
-                            e.updated_ms, e.origin)
-        self._enqueue(rec)
-
     def _enqueue(self, rec: Record) -> None:
         qkey = record_key(rec)
         for link in self._all_links():
@@ -405,137 +425,29 @@ class Daemon:
     def _all_links(self) -> list[PeerLink]:
         return [*self.links.values(), *self.inbound]
 
-    def snapshot_records(self, peer_id: int | None, chunk: int = 4000) -> Iterator[list[Record]]:
-        """Everything this node originated, plus what it holds of the peer's own origin, in
-        chunks of records.
-
-        The tables' items are copied here, synchronously (a point in time: entries are replaced
-        on change, never edited); the records are built lazily, chunk by chunk, so a sender
-        can stream a 1M-entry snapshot without stalling the event loop for seconds (building
-        all records at once took ~2 s, long enough to make peers time out and reconnect).
-        """
-        origins = {self.node_id} | ({peer_id} if peer_id else set())
-        parts = [(map_id, list(table.items_of(origins)))
-                 for map_id, table in self.sessions.items() if self._target(map_id) is not None]
-        cts = list(self.conntrack.items_of(origins)) if self.config.conntrack else []
-        return self._snapshot_chunks(parts, cts, chunk)
-
-    def _snapshot_chunks(self, parts: list[tuple[str, list[tuple[object, Entry]]]],
-                         cts: list[tuple[object, Entry]], chunk: int) -> Iterator[list[Record]]:
-        out: list[Record] = []
-        for map_id, items in parts:
-            now = time.monotonic()
-            for key, e in items:
-                if e.value is not None:
-                    out.append(SessionRecord(OP_ADD, map_id, key, e.value, e.remaining_ms(now),
-                                             e.updated_ms, e.origin))
-                    if len(out) >= chunk:
-                        yield out
-                        out = []
-                        now = time.monotonic()
-        now = time.monotonic()
-        for _key, e in cts:
-            if e.value is not None:
-                ct: CtEntry = e.value
-                ct.timeout = max(1, int(e.expires_at - now)) if e.expires_at else ct.timeout
-                out.append(ConntrackRecord(OP_UPSERT, e.origin, e.updated_ms, ct.to_bytes()))
-                if len(out) >= chunk:
-                    yield out
-                    out = []
-                    now = time.monotonic()
-        if out:
-            yield out
+    def snapshot_records(self, chunk: int = 4000) -> Iterator[list[Record]]:
+        """Everything this node holds (every origin, tombstones too), in chunks of records,
+        copied now and built lazily (nftsync.replication.Replica.snapshot)."""
+        return self.replica.snapshot(time.monotonic(), self.config.conntrack, chunk,
+                                     clock=time.monotonic)
 
     # == applying peers' records ==============================================================
-    def apply_remote(self, records: list[Record]) -> tuple[int, int]:
-        """Merge records into the mirror; those that win go into the kernel, batched."""
-        by_map: dict[str, list[ElementOp]] = {}
-        ct_ops: list[tuple[str, CtEntry]] = []
-        rejected = 0
-        me = self.node_id
-        for r in records:
-            if isinstance(r, SessionRecord):
-                rmap = self._target(r.map_id)
-                if rmap is None or not rmap.key_valid(r.key):
-                    self.counters["unknown_map"] += 1
-                    rejected += 1
-                    continue
-                table = self.sessions[r.map_id]
-                key = bytes(r.key)
-                cur = table.get(key)
-                old_mark = cur.value if cur is not None else None
-                value = r.mark if r.op == OP_ADD else None
-                won = table.merge(key, value, r.remaining_ms, r.updated_ms, r.origin)
-                if won is None or (value is None and old_mark is None):
-                    continue
-                if won.origin == UNVERIFIED:
-                    won.origin = me
-                by_map.setdefault(r.map_id, []).append(
-                    ElementOp(key, value, r.remaining_ms, old_mark))
-            else:
-                if not self.config.conntrack:
-                    continue
-                try:
-                    ct = CtEntry.from_bytes(r.entry)
-                except CtFormatError:
-                    self.counters["bad_records"] += 1
-                    rejected += 1
-                    continue
-                exists = self.conntrack.get(ct.key) is not None
-                value = ct if r.op == OP_UPSERT else None
-                won = self.conntrack.merge(ct.key, value, ct.timeout * 1000, r.updated_ms,
-                                           r.origin)
-                if won is None or (value is None and not exists):
-                    continue
-                ct_ops.append(("upsert" if value is not None else "delete", ct))
-        applied = 0
-        for map_id, ops in by_map.items():
+    def apply_remote(self, records: list[Record], sender: int,
+                     in_snapshot: bool) -> tuple[int, int]:
+        """Merge a peer's records; what wins goes into the kernel, batched."""
+        w = self.replica.receive(records, sender, in_snapshot, time.monotonic(), now_ms())
+        for map_id, ops in w.sessions.items():
             target = self._target(map_id)
             if target is not None:
                 self._write(target, ops)
-                applied += len(ops)
-        if ct_ops and self.ct_sink is not None:
-            self.ct_sink.apply(ct_ops)
-            applied += len(ct_ops)
-        return applied, rejected
+        if w.conntrack and self.ct_sink is not None:
+            self.ct_sink.apply(w.conntrack)
+        return len(w), w.refused
 
     async def kernel_room(self) -> None:
         """Wait while the kernel writer is far behind (back-pressure on the peer's stream)."""
         if self.kernel is not None:
             await self.kernel.wait_room()
-
-    def snapshot_done(self, link: PeerLink, since: float) -> int:
-        """Mark and sweep after a complete snapshot from `link`'s node."""
-        origin = link.node_id
-        assert origin is not None
-        swept = self._sweep(origin, since)
-        self._snapshotted.add(origin)
-        up = {lk.node_id for lk in self._all_links() if lk.state == "up"}
-        if self.role == "backup" and up and up <= self._snapshotted:
-            # Every peer has told us what it has: what we found at start-up and nobody
-            # confirmed is stale (deleted or expired elsewhere while we were away).
-            swept += self._sweep(UNVERIFIED, since)
-        return swept
-
-    def _sweep(self, origin: int, since: float) -> int:
-        n = 0
-        for map_id, table in self.sessions.items():
-            rmap = self._target(map_id)
-            keys = table.stale(origin, since)
-            if not keys or rmap is None:
-                continue
-            ops = [ElementOp(k, None, 0, table.pop(k).value) for k in keys]
-            self._write(rmap, ops)
-            n += len(keys)
-        keys = self.conntrack.stale(origin, since)
-        if keys and self.ct_sink is not None:
-            ops = [("delete", self.conntrack.pop(k).value) for k in keys]
-            self.ct_sink.apply(ops)
-            n += len(keys)
-        if n:
-            log.info("removed %d stale entr%s of origin %d", n, "y" if n == 1 else "ies",
-                     origin)
-        return n
 
     # == peers ================================================================================
     def _add_dialer(self, name: str, host: str, port: int) -> None:
@@ -631,10 +543,7 @@ class Daemon:
 
     def _sweep_slice(self, now: float) -> None:
         """A small slice of the expiry sweep of each table (a few ms, however big they are)."""
-        expired = self.conntrack.sweep_expired(now)
-        for table in self.sessions.values():
-            expired += table.sweep_expired(now)
-        self.counters["expired"] += expired
+        self.counters["expired"] += self.replica.sweep(now)
 
     def _collect_garbage(self, now: float) -> None:
         """Keep the cyclic GC off the mirror: with 1M entries a full collection walks ~3M
@@ -657,13 +566,13 @@ class Daemon:
             self._echo_filter = None
             log.warning("nft events of our own writes are no longer dropped in the kernel")
         if self.legacy:
-            self._poll_legacy(self.node_id)
+            self._poll_legacy()
         if self._reload_farms:
             self._reload_farms = False
             before = set(self.view.maps)
             self._load_farms()
             for map_id in set(self.view.maps) - before:
-                self._dump_map(self.view.maps[map_id], self.node_id)
+                self._dump_map(self.view.maps[map_id], startup=False)
         if self._reconcile_ct:
             self._reconcile_ct = False
             self.counters["reconciles"] += 1
@@ -672,19 +581,20 @@ class Daemon:
             self._reconcile_maps = False
             self.counters["reconciles"] += 1
             for rmap in self.view.maps.values():
-                self._dump_map(rmap, self.node_id)
+                self._dump_map(rmap, startup=False)
 
     def _reconcile_conntrack(self) -> None:
-        """After an overrun: the kernel's entries of the farms are the truth for our origin.
+        """After an overrun: the kernel's entries of the farms are what the lost events said.
 
         An entry we did not know is a NEW event we lost: it is learned as one, so its client's
         session is learned too (a 1M-entry burst overran and lost 231k sessions otherwise).
         A known entry is re-sent only if it changed beyond its timeout (re-sending all of them
-        overflowed the peers' queues into a full snapshot).
+        overflowed the peers' queues into a full snapshot). One we hold that the kernel no
+        longer has is a DESTROY we lost (a live deletion only where we authored it).
         """
         marks = self.view.marks
-        me = self.node_id
         now = time.monotonic()
+        wall = now_ms()
         seen = set()
         missed: list[tuple[CtEvent, CtEntry]] = []
         for ct in dump():
@@ -697,18 +607,15 @@ class Daemon:
                 if len(missed) >= 4096:
                     self._learn_ct(missed)
                     missed = []
-            elif cur.origin == UNVERIFIED or (cur.origin == me and
-                                              _ct_state(cur.value) != _ct_state(ct)):
-                e = self.conntrack.local_set(ct.key, ct, now + ct.timeout, me)
-                self._enqueue(ConntrackRecord(OP_UPSERT, me, e.updated_ms, ct.to_bytes()))
+            elif _ct_state(cur.value) != _ct_state(ct):
+                self._enqueue(self.replica.local_ct(ct, now + ct.timeout, now, wall))
         if missed:
             self._learn_ct(missed)
-        for key, e in list(self.conntrack.items_of({me})):
-            if e.alive and key not in seen:
-                t = self.conntrack.local_delete(key, me)
-                if t is not None:
-                    self._enqueue(ConntrackRecord(OP_DELETE, me, t.updated_ms,
-                                                  e.value.to_bytes()))
+        for key, e in list(self.conntrack.live.items()):
+            if key not in seen:
+                rec = self.replica.local_ct_destroy(e.value, now, wall)
+                if rec is not None:
+                    self._enqueue(rec)
         log.warning("conntrack events were lost (socket overrun): reconciled from a dump")
 
     # == control operations ===================================================================
@@ -754,6 +661,8 @@ class Daemon:
         sessions = {m: len(t) for m, t in self.sessions.items()}
         return {
             "counters": dict(self.counters),
+            "refused": dict(self.replica.refused),  # peer records refused, by cause
+            "capped_expiry": self.replica.capped,
             "sessions": sessions, "conntrack": len(self.conntrack),
             "kernel": {"nft": _stats(self.nft_sink.stats),
                        "conntrack": _stats(self.ct_sink.stats) if self.ct_sink else None,
@@ -781,18 +690,13 @@ class Daemon:
         return {"resync": done}
 
     def promote(self) -> dict:
+        """The node now serves the VIP. Replication is symmetric, so nothing changes in what it
+        holds or sends: the role is what keepalived and operators read."""
         old = self.role
         self.role = "active"
-        claimed = 0
         if old != "active":
-            claimed = self.conntrack.claim(UNVERIFIED, self.node_id)
-            for table in self.sessions.values():
-                claimed += table.claim(UNVERIFIED, self.node_id)
-            if claimed:
-                for lk in self._all_links():
-                    lk.request_snapshot("promoted: claiming unconfirmed entries")
             log.warning("promoted to active (was %s)", old)
-        return {"role": self.role, "was": old, "claimed": claimed}
+        return {"role": self.role, "was": old}
 
     def demote(self) -> dict:
         old = self.role
@@ -812,9 +716,7 @@ class Daemon:
                 continue
             table = self.sessions[target.map_id]
             rows = []
-            for key, e in table.entries.items():
-                if not e.alive:
-                    continue
+            for key, e in table.live.items():
                 if len(rows) >= limit:
                     break
                 rows.append({"client": target.key_text(key), "backend": f"{e.value:#x}",

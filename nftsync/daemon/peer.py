@@ -1,9 +1,9 @@
 """One peer: its connection, its send queue, and the replication exchange over it.
 
 Per connection (docs/protocol.md, "Replication semantics"): each side first sends a snapshot of
-what it originated (and returns what it holds of the peer's own origin, so a restarted peer gets
-its state back), then UPDATES with seq 1, 2, ... The receiver ACKs cumulatively, asks for a new
-snapshot on a gap, and after a complete snapshot removes what that origin no longer has.
+everything it holds (so a restarted peer gets its state back), then UPDATES with seq 1, 2, ...
+The receiver merges both with the conflict rule (a snapshot only ever adds: what it lacks is not
+deleted), ACKs cumulatively, and asks for a new snapshot on a gap.
 
 The send queue coalesces by key (a session refreshed ten times before the batch leaves is sent
 once) and is bounded: on overflow it is dropped and a snapshot is scheduled instead, since the
@@ -39,7 +39,7 @@ from nftsync.proto import (
     split_records,
 )
 
-from .mirror import now_ms
+from .clock import now_ms
 
 if TYPE_CHECKING:
     from .core import Daemon
@@ -67,8 +67,7 @@ class LinkStats:
     overflows: int = 0
     gaps: int = 0
     auth_failures: int = 0
-    rejected: int = 0  # records with a foreign origin or an unknown map
-    swept: int = 0  # entries removed after a snapshot
+    rejected: int = 0  # records refused by the replica's checks (counted by cause in stats)
     connects: int = 0
     lag_ms: deque = field(default_factory=lambda: deque(maxlen=LAG_SAMPLES))
 
@@ -145,7 +144,7 @@ class PeerLink:
                        if lag else None} if lag else None,
             "snapshots_sent": s.snapshots_sent, "snapshots_received": s.snapshots_received,
             "resnapshots": s.resnapshots, "overflows": s.overflows, "gaps": s.gaps,
-            "auth_failures": s.auth_failures, "rejected": s.rejected, "swept": s.swept,
+            "auth_failures": s.auth_failures, "rejected": s.rejected,
             "connects": s.connects,
         }
 
@@ -267,7 +266,7 @@ class PeerLink:
         # Whatever was queued is contained in the snapshot (its items are copied right here,
         # with no await in between; later changes queue up and follow as updates).
         self.pending.clear()
-        chunks = self.daemon.snapshot_records(self.node_id, SNAPSHOT_CHUNK)
+        chunks = self.daemon.snapshot_records(SNAPSHOT_CHUNK)
         await ch.send(SnapshotBegin(epoch, me))
         sent = 0
         for batch in chunks:
@@ -328,7 +327,8 @@ class PeerLink:
                     continue
                 self.snap_epoch = None
                 self.stats.snapshots_received += 1
-                self.stats.swept += self.daemon.snapshot_done(self, self.snap_since)
+                log.info("peer %s: snapshot epoch %d received (%d records, %.1f s)", self.name,
+                         msg.epoch, msg.count, time.monotonic() - self.snap_since)
                 await ch.send(Ack(self.recv_seq))
             elif isinstance(msg, Ack):
                 for seq in [s for s in self.sent_at if s <= msg.seq]:
@@ -342,17 +342,9 @@ class PeerLink:
                 frames_since_ack, last_ack = 0, time.monotonic()
 
     def _apply(self, records: list[Record], in_snapshot: bool) -> None:
-        peer = self.node_id
-        me = self.daemon.node_id
-        good: list[Record] = []
-        for r in records:
-            # Only the sender's own records, and (in a snapshot) ours being returned to us.
-            if r.origin == peer or (in_snapshot and r.origin == me):
-                good.append(r)
-            else:
-                self.stats.rejected += 1
+        assert self.node_id is not None
         self.stats.received += len(records)
-        applied, rejected = self.daemon.apply_remote(good)
+        applied, rejected = self.daemon.apply_remote(records, self.node_id, in_snapshot)
         self.stats.applied += applied
         self.stats.rejected += rejected
 

@@ -1,0 +1,337 @@
+"""The replication core: what a node holds, and the rules by which it changes.
+
+Sans-I/O, like `nftsync.proto`: no sockets, no kernel, no asyncio, no clock. The daemon feeds
+it what it learns locally and what peers send, and gets back the records to send and the kernel
+writes to make; the model test (tests/unit/test_replication_model.py) drives several of these
+through random crashes, restarts, cuts and conflicting writes.
+
+The semantics (docs/protocol.md, "Replication semantics"), chosen so that loss cannot happen
+rather than repaired afterwards:
+
+* **Snapshots only add.** A snapshot carries everything the sender holds, live entries and
+  tombstones of every origin, and is merged record by record with the conflict rule. Absence from
+  a snapshot means nothing: a node that restarts empty ("I lost state") never causes a deletion
+  on its peers, and they give its state back.
+* **Deletions travel only when seen live**, as tombstones: an admin delete or flush of a session
+  (an nft event of another process), a conntrack entry destroyed on the node that last changed
+  it. Expiry never travels: every node expires its own copy, and a copy that a node merely holds
+  (it did not author its last change) leaves silently when its kernel drops it, so a backup's
+  older copy can never delete what the serving node keeps refreshing.
+* **Tombstones are bounded**: a timed session's tombstone lives as long as a copy of it could
+  (the map's timeout), others `TOMBSTONE_MAX_S`; at most `capacity` per table. A node away for
+  longer than that, with its kernel kept, can bring back an entry deleted elsewhere: then it is
+  the newest thing anyone knows about that key, and it still expires on its own.
+* **What a node finds in its kernel at start-up** has no known author (`UNVERIFIED`) and the time
+  the kernel implies (a session's last refresh: expiry minus timeout; a conntrack entry: "long
+  ago"), so any live change a peer knows of wins over it, and it fills in what peers lack.
+* **Peer records are checked** before they count: known map and key, a backend mark of the farm,
+  a conntrack mark of a farm, no timestamp from the far future, expiry capped by the map's
+  timeout, at most `capacity` live entries per origin. A refused record is counted by cause and
+  dropped; the link stays up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from nftsync.netlink.ctnetlink import CtEntry, CtFormatError
+from nftsync.proto import (
+    MAX_REMAINING_MS,
+    OP_ADD,
+    OP_DELETE,
+    OP_UPSERT,
+    ConntrackRecord,
+    Record,
+    SessionRecord,
+)
+
+from .table import U64_MAX, UNVERIFIED, Entry, Table, newer
+
+CT_TABLE = "conntrack"
+MAX_FUTURE_MS = 24 * 3600 * 1000  # a record more than a day ahead of our clock is refused
+TOMBSTONE_MIN_S = 120.0  # a deletion is remembered at least this long
+TOMBSTONE_MAX_S = 3600.0  # ... and at most this long, unless the map's timeout says longer
+FOUND_CT_MS = 1  # "long ago": the time of a conntrack entry found in the kernel at start-up
+SWEEP_BUDGET = 10_000  # keys looked at per sweep slice (~2.5 ms)
+
+
+@dataclass(frozen=True, slots=True)
+class MapPolicy:
+    """What records of one replicated map may hold (from the farm's ruleset)."""
+
+    marks: frozenset[int]  # backend marks of the farm: the only values a session may have
+    capacity: int  # the map's size: live entries per origin, and tombstones
+    max_ms: int  # longest expiry a record may carry (the map's timeout, or the wire's max)
+    static: bool = False  # no timeouts at all (pins)
+    key_valid: Callable[[bytes], bool] = field(default=lambda key: 0 < len(key) <= 64)
+
+
+@dataclass(slots=True)
+class ElementOp:
+    """One kernel write to a session map, as the sink performs it."""
+
+    key: bytes
+    mark: int | None  # None: delete
+    remaining_ms: int  # 0: no timeout
+    old_mark: int | None  # what this node believes the kernel has (None: absent)
+
+    @property
+    def exists(self) -> bool:
+        return self.old_mark is not None
+
+
+@dataclass(slots=True)
+class Writes:
+    """The kernel writes that a batch of peer records calls for."""
+
+    sessions: dict[str, list[ElementOp]] = field(default_factory=dict)
+    conntrack: list[tuple[str, CtEntry]] = field(default_factory=list)  # ("upsert"|"delete", ct)
+    refused: int = 0
+
+    def __len__(self) -> int:
+        return sum(map(len, self.sessions.values())) + len(self.conntrack)
+
+
+class Replica:
+    """Everything one node replicates: one Table per session map, one for conntrack."""
+
+    def __init__(self, node_id: int, ct_capacity: int = 1 << 22) -> None:
+        self.node_id = node_id
+        self.policies: dict[str, MapPolicy] = {}
+        self.sessions: dict[str, Table] = {}
+        self.ct_marks: frozenset[int] = frozenset()
+        self.conntrack = Table(CT_TABLE, ct_capacity, TOMBSTONE_MIN_S)
+        self.refused: dict[str, int] = {}
+        self.capped = 0  # session records whose expiry was cut to the map's timeout
+
+    # -- configuration ---------------------------------------------------------------------------
+    def set_maps(self, policies: dict[str, MapPolicy], ct_marks: Iterable[int]) -> None:
+        """The farms changed: new maps get a table, known ones keep theirs (a map that left the
+        configuration keeps its table too, unused, so a reload that brings it back loses
+        nothing)."""
+        self.policies = dict(policies)
+        self.ct_marks = frozenset(ct_marks)
+        for map_id, pol in policies.items():
+            keep = TOMBSTONE_MAX_S if pol.static else max(TOMBSTONE_MIN_S, pol.max_ms / 1000)
+            t = self.sessions.get(map_id)
+            if t is None:
+                self.sessions[map_id] = Table(map_id, pol.capacity, keep)
+            else:
+                t.capacity, t.tomb_s = pol.capacity, keep
+
+    def _refuse(self, cause: str) -> None:
+        self.refused[cause] = self.refused.get(cause, 0) + 1
+
+    # -- local changes (learned from this node's kernel) -----------------------------------------
+    def _stamp(self, table: Table, key: object, wall: int) -> int:
+        """A local change is newer than anything held for the key, even within one ms (a
+        delete + add in one transaction must not tie, or the add would lose)."""
+        cur = table.latest(key)
+        if cur is not None and wall <= cur.updated_ms:
+            return min(U64_MAX, cur.updated_ms + 1)
+        return wall
+
+    def local_session(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
+                      now: float, wall: int) -> SessionRecord:
+        """A session added or refreshed here (conntrack NEW, an admin add): the record to send."""
+        table = self.sessions[map_id]
+        e = table.put(key, Entry(mark, expires_at, self._stamp(table, key, wall), self.node_id))
+        return SessionRecord(OP_ADD, map_id, key, mark, self._wire_ms(map_id, e, now),
+                             e.updated_ms, self.node_id)
+
+    def local_session_delete(self, map_id: str, key: bytes, now: float,
+                             wall: int) -> SessionRecord:
+        """An admin deletion seen live: a tombstone, and the record telling peers (even for a
+        key we did not hold: a peer may hold it)."""
+        table = self.sessions[map_id]
+        cur = table.get(key)
+        t = table.bury(key, cur.value if cur is not None else None,
+                       self._stamp(table, key, wall), self.node_id, now)
+        return SessionRecord(OP_DELETE, map_id, key, 0, 0, t.updated_ms, self.node_id)
+
+    def found_session(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
+                      updated_ms: int) -> bool:
+        """An element found in the kernel at start-up (or after lost events). It fills what we
+        lack; what we hold already (same backend) stays as it is. True if it was taken."""
+        table = self.sessions[map_id]
+        cur = table.latest(key)
+        if cur is not None and (cur.value == mark or not newer(updated_ms, UNVERIFIED, cur)):
+            return False
+        table.put(key, Entry(mark, expires_at, updated_ms, UNVERIFIED))
+        return True
+
+    def _wire_ms(self, map_id: str, e: Entry, now: float) -> int:
+        pol = self.policies.get(map_id)
+        ms = e.remaining_ms(now)
+        if pol is None:
+            return min(ms, MAX_REMAINING_MS)
+        if pol.static:
+            return 0
+        if ms == 0 or ms > pol.max_ms:
+            self.capped += ms > pol.max_ms
+            return pol.max_ms
+        return ms
+
+    def local_ct(self, ct: CtEntry, expires_at: float, now: float,
+                 wall: int) -> ConntrackRecord:
+        table = self.conntrack
+        key = ct.key
+        e = table.put(key, Entry(ct, expires_at, self._stamp(table, key, wall), self.node_id))
+        return ConntrackRecord(OP_UPSERT, self.node_id, e.updated_ms, ct.to_bytes())
+
+    def local_ct_destroy(self, ct: CtEntry, now: float, wall: int) -> ConntrackRecord | None:
+        """The kernel destroyed a conntrack entry. Only its author's view counts as a live
+        deletion; a copy we merely held leaves silently (it timed out here, while the node
+        serving it may still be refreshing it)."""
+        table = self.conntrack
+        key = ct.key
+        cur = table.get(key)
+        if cur is None:
+            return None
+        if cur.origin != self.node_id:
+            table.drop(key)
+            return None
+        remaining = 0.0 if cur.expires_at is None else cur.expires_at - now
+        keep = min(TOMBSTONE_MAX_S, max(TOMBSTONE_MIN_S, remaining))
+        t = table.bury(key, cur.value, self._stamp(table, key, wall), self.node_id, now, keep)
+        return ConntrackRecord(OP_DELETE, self.node_id, t.updated_ms, cur.value.to_bytes())
+
+    def found_ct(self, ct: CtEntry, expires_at: float) -> bool:
+        table = self.conntrack
+        if table.latest(ct.key) is not None:
+            return False
+        table.put(ct.key, Entry(ct, expires_at, FOUND_CT_MS, UNVERIFIED))
+        return True
+
+    # -- records from peers ----------------------------------------------------------------------
+    def receive(self, records: Iterable[Record], sender: int, in_snapshot: bool, now: float,
+                wall: int) -> Writes:
+        """Merge a peer's records; what wins goes into the returned kernel writes.
+
+        Updates carry only the sender's own changes (it never relays); a snapshot carries
+        everything the sender holds, whoever authored it, ours included: that is how a node
+        that lost its state gets it back.
+        """
+        out = Writes()
+        horizon = wall + MAX_FUTURE_MS
+        for r in records:
+            if not in_snapshot and r.origin != sender:
+                cause = "foreign_origin"
+            elif r.updated_ms > horizon:
+                cause = "future_timestamp"
+            elif isinstance(r, SessionRecord):
+                cause = self._receive_session(r, now, out)
+            else:
+                cause = self._receive_ct(r, now, out)
+            if cause:
+                self._refuse(cause)
+                out.refused += 1
+        return out
+
+    def _receive_session(self, r: SessionRecord, now: float, out: Writes) -> str:
+        pol = self.policies.get(r.map_id)
+        if pol is None:
+            return "unknown_map"
+        key = bytes(r.key)
+        if not pol.key_valid(key):
+            return "bad_key"
+        if r.op == OP_ADD and r.mark not in pol.marks:
+            return "unknown_backend"
+        table = self.sessions[r.map_id]
+        cur = table.latest(key)
+        if not newer(r.updated_ms, r.origin, cur):
+            return ""
+        live = table.get(key)
+        old = live.value if live is not None else None
+        if r.op == OP_DELETE:
+            table.bury(key, old, r.updated_ms, r.origin, now)
+            if live is not None:
+                out.sessions.setdefault(r.map_id, []).append(ElementOp(key, None, 0, old))
+            return ""
+        if (live is None or live.origin != r.origin) and table.full_for(r.origin):
+            return "origin_full"
+        ms = r.remaining_ms
+        if pol.static:
+            ms = 0
+        elif ms == 0 or ms > pol.max_ms:
+            self.capped += ms > pol.max_ms
+            ms = pol.max_ms
+        table.put(key, Entry(r.mark, now + ms / 1000 if ms else None, r.updated_ms, r.origin))
+        out.sessions.setdefault(r.map_id, []).append(ElementOp(key, r.mark, ms, old))
+        return ""
+
+    def _receive_ct(self, r: ConntrackRecord, now: float, out: Writes) -> str:
+        try:
+            ct = CtEntry.from_bytes(r.entry)
+        except CtFormatError:
+            return "bad_record"
+        if ct.mark not in self.ct_marks:
+            return "foreign_mark"
+        table = self.conntrack
+        key = ct.key
+        cur = table.latest(key)
+        if not newer(r.updated_ms, r.origin, cur):
+            return ""
+        live = table.get(key)
+        if r.op == OP_DELETE:
+            table.bury(key, ct, r.updated_ms, r.origin, now)
+            if live is not None:
+                out.conntrack.append(("delete", ct))
+            return ""
+        if (live is None or live.origin != r.origin) and table.full_for(r.origin):
+            return "origin_full"
+        table.put(key, Entry(ct, now + ct.timeout, r.updated_ms, r.origin))
+        out.conntrack.append(("upsert", ct))
+        return ""
+
+    # -- snapshots and expiry --------------------------------------------------------------------
+    def snapshot(self, now: float, conntrack: bool = True, chunk: int = 4000,
+                 clock: Callable[[], float] | None = None) -> Iterator[list[Record]]:
+        """Everything this node holds, live and tombstones, in chunks of records.
+
+        The tables' items are copied at the call (a point in time); records are built lazily,
+        chunk by chunk, so a sender can stream a 1M-entry snapshot between other work. `clock`
+        (monotonic seconds), if given, is read again for each chunk, so remaining times are
+        those of the moment the chunk is built.
+        """
+        parts = [(map_id, list(table.items(now))) for map_id, table in self.sessions.items()
+                 if map_id in self.policies]
+        cts = list(self.conntrack.items(now)) if conntrack else []
+        return self._chunks(parts, cts, now, chunk, clock)
+
+    def _chunks(self, parts: list[tuple[str, list[tuple[object, Entry, bool]]]],
+                cts: list[tuple[object, Entry, bool]], now: float, chunk: int,
+                clock: Callable[[], float] | None) -> Iterator[list[Record]]:
+        out: list[Record] = []
+        for map_id, items in parts:
+            for key, e, alive in items:
+                if alive:
+                    rec = SessionRecord(OP_ADD, map_id, key, e.value,
+                                        self._wire_ms(map_id, e, now), e.updated_ms, e.origin)
+                else:
+                    rec = SessionRecord(OP_DELETE, map_id, key, 0, 0, e.updated_ms, e.origin)
+                out.append(rec)
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+                    now = clock() if clock is not None else now
+        for _key, e, alive in cts:
+            ct: CtEntry = e.value
+            if alive and e.expires_at is not None:
+                ct.timeout = max(1, int(e.expires_at - now))
+            out.append(ConntrackRecord(OP_UPSERT if alive else OP_DELETE, e.origin,
+                                       e.updated_ms, ct.to_bytes()))
+            if len(out) >= chunk:
+                yield out
+                out = []
+                now = clock() if clock is not None else now
+        if out:
+            yield out
+
+    def sweep(self, now: float, budget: int = SWEEP_BUDGET) -> int:
+        """A slice of the expiry sweep of every table; returns the entries forgotten."""
+        n = self.conntrack.sweep_expired(now, budget)
+        for table in self.sessions.values():
+            n += table.sweep_expired(now, budget)
+        return n

@@ -1,0 +1,163 @@
+"""One replicated table: what a node holds of a session map or of the conntrack table.
+
+Why a copy at all: the kernel does not report packet-path refreshes and dumping a big timeout map
+is quadratic, so each node keeps its own compact copy, learned from events. Peers' snapshots are
+made from it, and it is what lets a receiver decide whether an incoming record is newer.
+
+Two dicts: `live` holds what exists, `dead` holds tombstones of live deletions (an admin delete,
+a conntrack entry destroyed where it was served). A tombstone carries the time of the deletion so
+that an older add cannot bring the key back, and it is kept only as long as a copy of what it
+deleted can still be alive somewhere (`tomb_s`), with a bound on how many (oldest dropped first).
+
+Nothing here does I/O or reads a clock: callers pass `now` (monotonic seconds) and `wall`
+(milliseconds since the epoch), so the rules are the same in the daemon and in the model test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+UNVERIFIED = 0  # origin of what a node found in its own kernel at start-up: no known author
+U64_MAX = 2**64 - 1
+
+
+@dataclass(slots=True)
+class Entry:
+    """A session (value = mark) or conntrack entry (value = CtEntry), with its replication facts.
+
+    In a tombstone `value` is what was deleted (a conntrack delete must name its tuple) and
+    `expires_at` is when the tombstone may be forgotten.
+    """
+
+    value: object
+    expires_at: float | None  # monotonic seconds; None: never expires (static pins)
+    updated_ms: int  # the author's wall clock at the change
+    origin: int  # node id of the author (UNVERIFIED: found in the kernel at start-up)
+
+    def remaining_ms(self, now: float) -> int:
+        """Time left, for the wire (0 means "no timeout", so a live timed entry sends >= 1)."""
+        if self.expires_at is None:
+            return 0
+        return max(1, int((self.expires_at - now) * 1000))
+
+
+def newer(updated_ms: int, origin: int, cur: Entry | None) -> bool:
+    """The conflict rule: the newest change wins, then the highest origin node id."""
+    if cur is None:
+        return True
+    return (updated_ms, origin) > (cur.updated_ms, cur.origin)
+
+
+class Table:
+    """One replicated table (keys: map key bytes, or conntrack tuples)."""
+
+    def __init__(self, name: str, capacity: int, tomb_s: float) -> None:
+        self.name = name
+        self.capacity = capacity  # live entries per origin; also the tombstone bound
+        self.tomb_s = tomb_s  # how long a tombstone outlives the deletion, at least
+        self.live: dict[object, Entry] = {}
+        self.dead: dict[object, Entry] = {}  # insertion order = age: the oldest goes first
+        self.per_origin: dict[int, int] = {}
+        self._sweep_keys: list[object] | None = None
+        self._sweep_pos = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def get(self, key: object) -> Entry | None:
+        return self.live.get(key)
+
+    def latest(self, key: object) -> Entry | None:
+        """The entry or the tombstone: what a record for `key` must be newer than."""
+        e = self.live.get(key)
+        return e if e is not None else self.dead.get(key)
+
+    def is_dead(self, key: object) -> bool:
+        return key in self.dead
+
+    # -- changes ---------------------------------------------------------------------------------
+    def put(self, key: object, e: Entry) -> Entry:
+        """Make `e` the live entry of `key` (replacing an entry or a tombstone)."""
+        old = self.live.get(key)
+        if old is not None:
+            self._count(old.origin, -1)
+        else:
+            self.dead.pop(key, None)
+        self.live[key] = e
+        self._count(e.origin, 1)
+        return e
+
+    def bury(self, key: object, value: object, updated_ms: int, origin: int, now: float,
+             keep_s: float | None = None) -> Entry:
+        """Replace `key` by a tombstone of the deletion made at `updated_ms` by `origin`."""
+        old = self.live.pop(key, None)
+        if old is not None:
+            self._count(old.origin, -1)
+        self.dead.pop(key, None)  # re-inserted: it is now the youngest
+        t = Entry(value, now + (self.tomb_s if keep_s is None else keep_s), updated_ms, origin)
+        self.dead[key] = t
+        while len(self.dead) > self.capacity:
+            del self.dead[next(iter(self.dead))]
+        return t
+
+    def drop(self, key: object) -> Entry | None:
+        """Forget a live entry without a tombstone (it expired, or a copy we did not author
+        left the kernel): nothing is sent for it."""
+        old = self.live.pop(key, None)
+        if old is not None:
+            self._count(old.origin, -1)
+        return old
+
+    def full_for(self, origin: int) -> bool:
+        return self.per_origin.get(origin, 0) >= self.capacity
+
+    def _count(self, origin: int, d: int) -> None:
+        n = self.per_origin.get(origin, 0) + d
+        if n:
+            self.per_origin[origin] = n
+        else:
+            self.per_origin.pop(origin, None)
+
+    # -- expiry ----------------------------------------------------------------------------------
+    def sweep_expired(self, now: float, budget: int) -> int:
+        """Forget entries and tombstones past their time, `budget` keys per call.
+
+        Incremental over a key list taken at the start of a pass, so a 1M table never stalls the
+        caller; an entry is forgotten at most one pass late, and is never sent once past its
+        expiry (`items` skips it).
+        """
+        keys = self._sweep_keys
+        if keys is None:
+            if not self.live and not self.dead:
+                return 0
+            keys = self._sweep_keys = [*self.live, *self.dead]
+            self._sweep_pos = 0
+        start = self._sweep_pos
+        end = min(len(keys), start + budget)
+        live, dead = self.live, self.dead
+        n = 0
+        for i in range(start, end):
+            k = keys[i]
+            e = live.get(k)
+            if e is not None and e.expires_at is not None and e.expires_at <= now:
+                self.drop(k)
+                n += 1
+            t = dead.get(k)
+            if t is not None and t.expires_at is not None and t.expires_at <= now:
+                del dead[k]
+        if end >= len(keys):
+            self._sweep_keys = None
+        else:
+            self._sweep_pos = end
+        return n
+
+    def items(self, now: float) -> Iterator[tuple[object, Entry, bool]]:
+        """(key, entry, alive) of everything worth telling a peer: unexpired entries and
+        tombstones. A point in time when materialised with list() (entries are replaced on
+        change, never edited in place)."""
+        for k, e in self.live.items():
+            if e.expires_at is None or e.expires_at > now:
+                yield k, e, True
+        for k, t in self.dead.items():
+            yield k, t, False

@@ -120,6 +120,15 @@ def add_session(farm_name: str | None, client: str, backend: str, *,
                            "timed session map (without --static)")
     seconds = parse_duration(expires) if expires is not None else None
     check_replicable(seconds, f"--expires {expires}")
+    limit = table.smap.timeout
+    if seconds is not None and limit is not None and seconds > limit:
+        # Peers cap every record at their map's timeout (a hostile 49-day record must not
+        # outlive the map), so a longer expiry here would hold on this node only: refused,
+        # like anything else that cannot be replicated as it is.
+        raise SessionError(f"--expires {expires} ({seconds}s) is longer than the timeout of map "
+                           f"{table.smap.ref} ({limit}s), which caps it on every peer; use at "
+                           "most the map's timeout or raise it with nftsync apply; nothing was "
+                           "changed")
     if seconds is None and not static:
         seconds = table.smap.timeout
         check_replicable(seconds, f"the timeout of map {table.smap.ref} (load a shorter one "

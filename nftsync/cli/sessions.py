@@ -23,7 +23,7 @@ def command() -> None:
     \b
     Examples:
       nftsync sessions list --json
-      nftsync sessions add 10.10.1.7 0x201 --expires 10m
+      nftsync sessions add 10.10.1.7 0x201 --expires 90s
       nftsync sessions add --static 10.10.1.8 10.20.0.12
       nftsync sessions del 10.10.1.7
       nftsync sessions flush --farm web
@@ -59,8 +59,8 @@ def _table(rows: list[dict]) -> str:
 @click.argument("backend")
 @farm_option
 @static_option
-@click.option("--expires", help="Time left for the session (90, 90s, 2m, 1h30m); "
-              "default: the map's timeout.")
+@click.option("--expires", help="Time left for the session (90, 90s, 2m, 1h30m), at most the "
+              "map's timeout (peers cap sessions at it); default: the map's timeout.")
 @json_option
 @handle_errors
 def add(client: str, backend: str, farm: str | None, static: bool, expires: str | None,

@@ -1,37 +1,59 @@
-"""Writing replicated state into the local kernel, in batches.
+"""Writing replicated state into the local kernel, in batches, on two writer threads.
 
 Session map elements go through hand-built nf_tables netlink batches (`SetElemWriter`, one
 transaction per map per batch: deletes, then adds), falling back to libnftables text
-transactions for maps whose key or value types it does not encode, and element by element
-after a failure. An element whose key exists is replaced by "delete + add" in the same
-transaction, except where the kernel refreshes in place (>= 6.12: `add` with the same value and
-an explicit `expires`). The daemon's mirror says which keys exist; when it is wrong (the packet
-path added a key we had not heard of yet, or the kernel expired one) the transaction fails as a
-whole and is retried element by element, so one surprise never loses the rest of the batch.
+transactions for maps whose key or value types it does not encode. An element whose key exists
+is replaced by "delete + add" in the same transaction, except where the kernel refreshes in
+place (>= 6.12: `add` with the same value and an explicit `expires`).
+
+A refused batch changes nothing, and the kernel says which element it refused (extended ACK,
+see `SetElemError`), so a refusal costs about what an acceptance costs, never one round trip
+per element:
+* the map is full (ENFILE at add #i): everything before #i fitted, so the adds after it that
+  need a new slot are refused at once, and the rest is sent again (two transactions in all);
+* the mirror was wrong about the kernel (the packet path added a key we had not heard of, the
+  kernel expired one: EEXIST on an add, ENOENT on a delete): that element is corrected (delete +
+  add, or a plain add) and the batch is sent again;
+* the table or the set does not exist: the whole batch is refused;
+* anything else: that one element is refused. Without a location (old kernels, libnftables
+  text) the batch is bisected, so k refusals cost O(k log n) transactions.
+
+A refused add is not counted as applied; it is counted per cause (`SinkStats.refused`) and kept
+(bounded, the latest op per key: a newer op for the key replaces it, a delete cancels it) until
+its cause may have gone away: `retry_refused()` (the daemon calls it once a second) probes each
+map with one waiting element and writes the rest only if that one was accepted. `problems()`
+says in words what waits and why ("map ip nftsync_web web_sessions is full (1000 of 1000)").
 
 Conntrack entries go through `CtWriter` (ctnetlink messages built by hand, many per sendmsg).
 
-Both sinks can hand their writes to one `KernelWriter` thread: the kernel work (the nft commit,
-the conntrack inserts inside sendmsg) then runs while the event loop decodes the next frames, as
-libnftables (ctypes) and socket calls release the GIL. Writes stay in submission order.
+Both sinks hand their writes to one `KernelWriter`, which runs them on two threads, one per sink
+(lanes "nft" and "ct"): the kernel work (the nft commit, the conntrack inserts inside sendmsg)
+then runs while the event loop decodes the next frames, as libnftables (ctypes) and socket calls
+release the GIL, and conntrack entries never wait behind session writes (a full map once
+delayed the peer's conntrack entries by 30-60 s, a failover in that window dropped them).
+Writes stay in submission order within a lane.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import queue
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nftsync.errors import NftsyncError
+from nftsync.model import MapRef
+from nftsync.netlink.core import NetlinkError
 from nftsync.netlink.ctnetlink import CtEntry, CtWriter
-from nftsync.netlink.nftwriter import SetElemWriter, key_length
+from nftsync.netlink.nftwriter import SetElemError, SetElemWriter, key_length
 from nftsync.nft import Nft
 from nftsync.tables.nftmap import kernel_refreshes_expiry
 
@@ -39,75 +61,133 @@ from .farms import ReplicatedMap
 
 log = logging.getLogger("nftsync.daemon")
 
+# Causes of a refusal, as counted in SinkStats.refused and said by NftSink.problems().
+MAP_FULL = "map_full"
+EXISTS = "exists"
+NO_SUCH_MAP = "no_such_map"
+NO_SUCH_TABLE = "no_such_table"
+INVALID = "invalid"
+OTHER = "other"
+
+MAX_WAITING = 200_000  # refused session ops kept for retry, all maps together
+TARGETED_ROUNDS = 8  # corrected resends of one batch before it is bisected instead
+RETRY_CHUNK = 4000  # waiting ops written per transaction by a retry
+RETRY_FULL_S = 1.0  # a full or missing map is probed this often (one element)
+RETRY_MAX_S = 60.0  # other causes back off up to this
+
 
 @dataclass(slots=True)
 class SinkStats:
-    applied: int = 0
-    failed: int = 0
+    applied: int = 0  # changes the kernel accepted
+    failed: int = 0  # changes given up (not kept for retry)
     transactions: int = 0
-    retries: int = 0
+    retries: int = 0  # batches sent again after a refusal (corrected, or without the refused)
     last_error: str = ""
     errors: dict[str, int] = field(default_factory=dict)
+    # Changes the kernel refused, by cause, each counted once (a retry refused again is not).
+    # Replaced, never resized in place, by the writer thread: readers may iterate it.
+    refused: dict[str, int] = field(default_factory=dict)
+    waiting: int = 0  # refused changes kept for retry now
+    recovered: int = 0  # refused changes that a retry wrote
 
 
-class KernelWriter:
-    """One worker thread that performs the sinks' kernel writes in submission order.
+def _count(stats: SinkStats, cause: str, n: int = 1) -> None:
+    refused = stats.refused
+    if cause in refused:
+        refused[cause] += n  # same size: a concurrent reader's iteration stays valid
+    else:
+        stats.refused = {**refused, cause: n}
 
-    `submit` never blocks; the event loop calls `wait_room()` after submitting a frame's worth,
-    which waits while more than `high` changes are queued, so a slow kernel slows the peer's
-    TCP stream down instead of growing the queue without bound.
-    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, high: int = 40_000,
-                 low: int = 10_000) -> None:
-        self.loop = loop
-        self.high, self.low = high, low
+class _Lane:
+    """One worker thread and its job queue."""
+
+    def __init__(self, owner: KernelWriter, name: str) -> None:
+        self.owner = owner
+        self.name = name
         self.queued = 0
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._waiting = False
-        self.thread = threading.Thread(target=self._run, name="nftsync-kernel", daemon=True)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"nftsync-kernel-{name}",
+                                       daemon=True)
         self.thread.start()
-
-    def submit(self, fn: Callable[..., None], count: int, *args: object) -> None:
-        with self._lock:
-            self.queued += count
-        self._jobs.put((fn, count, args))
-
-    async def wait_room(self) -> None:
-        with self._lock:
-            if self.queued <= self.high:
-                return
-            self._waiting = True
-            self._room.clear()
-        await self._room.wait()
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            job = self.jobs.get()
             if job is None:
                 return
             fn, count, args = job
             try:
                 fn(*args)
             except Exception:  # a bug must not kill the writer: log it, keep writing
-                log.exception("kernel write failed")
-            with self._lock:
-                self.queued -= count
-                wake = self._waiting and self.queued <= self.low
-                if wake:
-                    self._waiting = False
+                log.exception("kernel write failed (%s)", self.name)
+            self.owner._done(self, count)
+
+
+class KernelWriter:
+    """Worker threads that perform the sinks' kernel writes, one per lane ("nft" for session
+    maps, "ct" for conntrack), each in submission order, so one kind never waits behind the
+    other.
+
+    `submit` never blocks; the event loop calls `wait_room()` after submitting a frame's worth,
+    which waits while a lane has more than `high` changes queued (until it is back under
+    `low`), so a slow kernel slows the peer's TCP stream down instead of growing the queue
+    without bound.
+    """
+
+    LANES = ("nft", "ct")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, high: int = 40_000,
+                 low: int = 10_000) -> None:
+        self.loop = loop
+        self.high, self.low = high, low
+        self._lock = threading.Lock()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._waiting = False
+        self.lanes = {name: _Lane(self, name) for name in self.LANES}
+        self.thread = self.lanes["nft"].thread
+
+    @property
+    def queued(self) -> int:
+        """Changes submitted and not yet written, all lanes together."""
+        return sum(lane.queued for lane in self.lanes.values())
+
+    def submit(self, fn: Callable[..., None], count: int, *args: object,
+               lane: str = "nft") -> None:
+        target = self.lanes[lane]
+        with self._lock:
+            target.queued += count
+        target.jobs.put((fn, count, args))
+
+    async def wait_room(self) -> None:
+        with self._lock:
+            if all(lane.queued <= self.high for lane in self.lanes.values()):
+                return
+            self._waiting = True
+            self._room.clear()
+        await self._room.wait()
+
+    def _done(self, lane: _Lane, count: int) -> None:
+        with self._lock:
+            lane.queued -= count
+            wake = self._waiting and lane.queued <= self.low and \
+                all(other.queued <= self.high for other in self.lanes.values())
             if wake:
-                self.loop.call_soon_threadsafe(self._room.set)
+                self._waiting = False
+        if wake:
+            self.loop.call_soon_threadsafe(self._room.set)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finish what is queued (bounded by `timeout`), then stop the thread."""
-        self._jobs.put(None)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            log.warning("kernel writer: %d change(s) still queued at shutdown", self.queued)
+        """Finish what is queued (bounded by `timeout` in all), then stop the threads."""
+        deadline = time.monotonic() + timeout
+        for lane in self.lanes.values():
+            lane.jobs.put(None)
+        for lane in self.lanes.values():
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
+            if lane.thread.is_alive():
+                log.warning("kernel writer: %d change(s) still queued at shutdown (%s)",
+                            lane.queued, lane.name)
 
 
 @dataclass(slots=True)
@@ -122,6 +202,42 @@ class ElementOp:
         return self.old_mark is not None
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A refused add kept for retry."""
+
+    op: ElementOp
+    cause: str
+    since: float  # monotonic time of the refusal: the remaining expiry runs down from here
+
+
+@dataclass(slots=True)
+class _MapState:
+    """What the sink knows of one kernel map it writes: its refused ops and why."""
+
+    rmap: ReplicatedMap
+    size: int | None  # the set's `size` (0: no limit; None: not known)
+    waiting: dict[bytes, _Waiting] = field(default_factory=dict)  # key -> op, oldest first
+    by_cause: dict[str, int] = field(default_factory=dict)
+    detail: str = ""  # the last refusal, in words
+    next_retry: float = 0.0
+    backoff: float = RETRY_FULL_S
+    retry_queued: bool = False
+
+
+class _Refusals:
+    """Refused ops of one write call, logged once per map and cause at its end (one line for
+    2,000 refused elements, not 2,000 lines)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, cause: str, detail: str) -> None:
+        self.counts[cause] = self.counts.get(cause, 0) + 1
+        self.first.setdefault(cause, detail)
+
+
 class NftSink:
     """Applies element changes to session maps. Our own transactions are recognised in the nft
     event stream by the committing thread id (NEWGEN pid), which `thread_id` records, and in
@@ -129,11 +245,11 @@ class NftSink:
 
     `netlink=True` writes through a `SetElemWriter` of its own (the fast path); `portid` is
     then that socket's, the one almost every write goes through. The libnftables context stays
-    for per-element retries and unsupported maps; its rare echoes are dropped by thread id.
+    for maps the netlink encoder does not cover; its rare echoes are dropped by thread id.
     """
 
     def __init__(self, nft: Nft | None = None, writer: KernelWriter | None = None,
-                 netlink: bool = True) -> None:
+                 netlink: bool = True, max_waiting: int = MAX_WAITING) -> None:
         # With a writer the context is used by its thread only: never share it (libnftables
         # contexts are not thread-safe).
         before = _netlink_inodes()
@@ -146,6 +262,12 @@ class NftSink:
         self.nft_portid: int | None = None  # the libnftables context's
         self._sock: tuple[int, int] | None = None  # (fd, inode) of the socket `portid` is of
         self.elem_writer: SetElemWriter | None = None
+        self.max_waiting = max_waiting
+        # Refused ops by map. Written by the writer thread, read by the event loop
+        # (`problems`, `retry_refused`): every access holds the lock.
+        self._maps: dict[MapRef, _MapState] = {}
+        self._lock = threading.Lock()
+        self._query: SetElemWriter | None = None  # set GETs when not writing by netlink
         if nft is None:
             self._find_portid(before)
             self.nft_portid = self.portid
@@ -161,9 +283,10 @@ class NftSink:
         return {p for p in (self.portid, self.nft_portid) if p is not None}
 
     def close(self) -> None:
-        if self.elem_writer is not None:
-            self.elem_writer.close()
-            self.elem_writer = None
+        for w in (self.elem_writer, self._query):
+            if w is not None:
+                w.close()
+        self.elem_writer = self._query = None
 
     def _find_portid(self, before: dict[int, int]) -> None:
         """The netlink port id of our libnftables context's socket: our transactions' events
@@ -193,97 +316,262 @@ class NftSink:
         except OSError:
             return False
 
+    # == writing ==============================================================================
     def apply(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
         """Write `ops` now, or queue them for the writer thread if there is one."""
         if not ops:
             return
         if self.writer is not None:
-            self.writer.submit(self._apply_now, len(ops), rmap, ops)
+            self.writer.submit(self._apply_now, len(ops), rmap, ops, lane="nft")
             return
         self._apply_now(rmap, ops)
 
     def _apply_now(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
         self.thread_ids.add(threading.get_native_id())
-        try:
-            self._write_batch(rmap, ops)
-        except NftsyncError as exc:  # the kernel refused the transaction: nothing changed
-            if len(ops) == 1:
-                self._fail(rmap, ops[0], exc)
-                return
-            self.stats.retries += 1
-            for op in ops:  # one surprise must not lose the batch: element by element
-                self._apply_one(rmap, op)
-            return
-        self.stats.transactions += 1
-        self.stats.applied += len(ops)
+        ops = self._supersede(rmap, _last_per_key(ops))
+        if ops:
+            refusals = _Refusals()
+            self._write(rmap, ops, refusals, fresh=True)
+            self._log_refusals(rmap, refusals)
 
-    def _write_batch(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> None:
-        """`ops` as one transaction: a hand-built netlink batch where the map allows it, else
-        libnftables text. Raises NftsyncError (NetlinkError included) if the kernel refuses."""
+    def _supersede(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> list[ElementOp]:
+        """Newer ops replace waiting ones of the same key (a delete cancels it); the kernel does
+        not hold a waiting key, whatever the mirror believes, so its new op is a plain add."""
+        with self._lock:
+            st = self._maps.get(rmap.smap.ref)
+            if st is None or not st.waiting:
+                return ops
+            st.rmap = rmap
+            out = []
+            for op in ops:
+                w = self._unwait(st, op.key)
+                if w is None:
+                    out.append(op)
+                elif op.mark is not None:
+                    out.append(ElementOp(op.key, op.mark, op.remaining_ms, None))
+            return out
+
+    def _unwait(self, st: _MapState, key: bytes) -> _Waiting | None:
+        """Remove `key` from the waiting ops (lock held)."""
+        w = st.waiting.pop(key, None)
+        if w is not None:
+            st.by_cause[w.cause] -= 1
+            self.stats.waiting -= 1
+        return w
+
+    def _write(self, rmap: ReplicatedMap, ops: list[ElementOp], refusals: _Refusals,
+               fresh: bool) -> None:
+        """Write `ops`; whatever the kernel refuses goes to `_refuse` (counted if `fresh`)."""
         if self.elem_writer is not None and _netlink_ok(rmap):
+            self._write_netlink(rmap, ops, refusals, fresh)
+        else:
+            self._write_text(rmap, ops, refusals, fresh, full=False)
+
+    def _write_netlink(self, rmap: ReplicatedMap, ops: list[ElementOp], refusals: _Refusals,
+                       fresh: bool) -> None:
+        """One transaction; on a refusal, act on the element the kernel named and send the
+        rest again (bounded: after TARGETED_ROUNDS, or without a location, bisect)."""
+        assert self.elem_writer is not None
+        pending = list(ops)
+        corrected: set[bytes] = set()  # keys whose existence belief was flipped once already
+        for _round in range(TARGETED_ROUNDS):
+            if not pending:
+                return
+            plan = self._netlink_plan(rmap, pending)
+            if plan is None:  # a key of another length: nft text handles (and explains) it
+                self._write_text(rmap, pending, refusals, fresh, full=False)
+                return
+            dels, adds, del_ops, add_ops = plan
+            ref = rmap.smap.ref
             try:
-                if self._apply_netlink(rmap, ops):
+                self.elem_writer.apply(ref.family, ref.table, ref.name, dels, adds)
+            except SetElemError as exc:
+                self.stats.retries += 1
+                if exc.where in ("table", "set"):
+                    cause = NO_SUCH_TABLE if exc.where == "table" else NO_SUCH_MAP
+                    self._refuse_all(rmap, pending, cause, self._explain(rmap, exc.errno, cause),
+                                     refusals, fresh)
                     return
+                if exc.where is None:
+                    self._bisect(rmap, pending, exc, refusals, fresh)
+                    return
+                i = (del_ops if exc.where == "delete" else add_ops)[exc.index]
+                pending = self._handle(rmap, pending, i, exc, add_ops[exc.index:] if
+                                       exc.where == "add" else [], corrected, refusals, fresh)
+                continue
+            except NetlinkError as exc:  # no answer: what happened is unknown, try later
+                self._refuse_all(rmap, pending, OTHER, self._explain(rmap, exc.errno, OTHER),
+                                 refusals, fresh)
+                return
             except OSError as exc:  # not sent (e.g. larger than the send buffer): nft text
                 log.warning("netlink element batch for %s not sent (%s): using libnftables",
-                            rmap.smap.ref, exc)
-        self.nft.cmd(self._commands(rmap, ops), what=f"replicate into {rmap.smap.ref}")
+                            ref, exc)
+                self._write_text(rmap, pending, refusals, fresh, full=False)
+                return
+            self.stats.transactions += 1
+            self.stats.applied += len(pending)
+            return
+        mid = len(pending) // 2  # many surprises in one batch: halves, each resilient again
+        for part in (pending[:mid], pending[mid:]):
+            self._write_netlink(rmap, part, refusals, fresh)
 
-    def _apply_one(self, rmap: ReplicatedMap, op: ElementOp) -> None:
-        # The mirror may be wrong about the kernel (packet path, expiry): try the other belief.
-        # "Present" with a value we do not know (-1, never a mark) means delete + add, which
-        # holds whatever the kernel has (refresh in place would be EEXIST for another value).
-        other = None if op.exists else -1
-        variants = [op, ElementOp(op.key, op.mark, op.remaining_ms, other)]
-        last: Exception | None = None
-        for variant in variants:
+    def _handle(self, rmap: ReplicatedMap, pending: list[ElementOp], i: int, exc: SetElemError,
+                later_adds: list[int], corrected: set[bytes], refusals: _Refusals,
+                fresh: bool) -> list[ElementOp]:
+        """React to the kernel refusing element `pending[i]`; returns what to send again."""
+        op = pending[i]
+        err = exc.errno
+        if exc.where == "add" and err == errno.ENFILE:
+            # Everything before this add fitted: from here on, no add that needs a new slot
+            # does (a replacement frees its own slot first, in the same transaction).
+            drop = {j for j in later_adds if pending[j].old_mark is None}
+            drop.add(i)
+            self._note_full(rmap)
+            detail = self._explain(rmap, err, MAP_FULL)
+            for j in sorted(drop):
+                self._refuse(rmap, pending[j], MAP_FULL, detail, refusals, fresh)
+            return [o for j, o in enumerate(pending) if j not in drop]
+        if exc.where == "delete" and err == errno.ENOENT:
+            # Not in the kernel (it expired, or it was never written): a delete is done, a
+            # replacement becomes a plain add.
+            rest = pending[:i] + pending[i + 1:]
+            if op.mark is not None:
+                rest.insert(i, ElementOp(op.key, op.mark, op.remaining_ms, None))
+            return rest
+        if exc.where == "add" and err in (errno.EEXIST, errno.EBUSY) and \
+                op.old_mark is None and op.key not in corrected:
+            # The packet path added this key with another value: replace it (delete + add).
+            corrected.add(op.key)
+            return pending[:i] + [ElementOp(op.key, op.mark, op.remaining_ms, -1)] + \
+                pending[i + 1:]
+        cause = _cause(err)
+        self._refuse(rmap, op, cause, self._explain(rmap, err, cause, op), refusals, fresh)
+        return pending[:i] + pending[i + 1:]
+
+    def _bisect(self, rmap: ReplicatedMap, ops: list[ElementOp], exc: NftsyncError,
+                refusals: _Refusals, fresh: bool) -> None:
+        """The kernel refused `ops` without saying which element: halve until it is one."""
+        err = getattr(exc, "errno", None) or _errno_of(str(exc))
+        if err == errno.ENOENT:
+            missing = self._missing(rmap)
+            if missing is not None:
+                self._refuse_all(rmap, ops, missing, self._explain(rmap, err, missing),
+                                 refusals, fresh)
+                return
+        if len(ops) == 1:
+            cause = _cause(err)
+            self._refuse(rmap, ops[0], cause, self._explain(rmap, err, cause, ops[0]),
+                         refusals, fresh)
+            return
+        mid = len(ops) // 2
+        for part in (ops[:mid], ops[mid:]):
+            self._write(rmap, part, refusals, fresh)
+
+    def _write_text(self, rmap: ReplicatedMap, ops: list[ElementOp], refusals: _Refusals,
+                    fresh: bool, full: bool) -> bool:
+        """The libnftables path: one text transaction; bisection on a refusal (its errors
+        carry no location). Once an add found the map full, the adds that need a new slot
+        are refused without trying. Returns whether the map was found full."""
+        if full:
+            drop = [op for op in ops if op.mark is not None and op.old_mark is None]
+            if drop:
+                detail = self._explain(rmap, errno.ENFILE, MAP_FULL)
+                for op in drop:
+                    self._refuse(rmap, op, MAP_FULL, detail, refusals, fresh)
+                ops = [op for op in ops if op.mark is None or op.old_mark is not None]
+                if not ops:
+                    return True
+        try:
+            self.nft.cmd(self._commands(rmap, ops), what=f"replicate into {rmap.smap.ref}")
+        except NftsyncError as exc:
+            self.stats.retries += 1
+            err = _errno_of(str(exc))
+            if len(ops) > 1:
+                if err == errno.ENOENT and (missing := self._missing(rmap)) is not None:
+                    self._refuse_all(rmap, ops, missing, self._explain(rmap, err, missing),
+                                     refusals, fresh)
+                    return full
+                mid = len(ops) // 2
+                for part in (ops[:mid], ops[mid:]):
+                    full = self._write_text(rmap, part, refusals, fresh, full)
+                return full
+            return self._text_one(rmap, ops[0], exc, err, refusals, fresh) or full
+        self.stats.transactions += 1
+        self.stats.applied += len(ops)
+        return full
+
+    def _text_one(self, rmap: ReplicatedMap, op: ElementOp, exc: NftsyncError, err: int | None,
+                  refusals: _Refusals, fresh: bool) -> bool:
+        """One element refused as text: try the other belief about the kernel once (absent /
+        present with an unknown value), then refuse it. Returns whether the map is full."""
+        if err == errno.ENOENT and op.mark is None:
+            return False  # deleting what the kernel already expired: nothing to do
+        if err in (errno.ENOENT, errno.EEXIST, errno.EBUSY):
+            other = ElementOp(op.key, op.mark, op.remaining_ms, None if op.exists else -1)
             try:
-                self.nft.cmd(self._commands(rmap, [variant]), what=f"replicate into "
+                self.nft.cmd(self._commands(rmap, [other]), what=f"replicate into "
                              f"{rmap.smap.ref}")
+            except NftsyncError as again:
+                exc, err = again, _errno_of(str(again))
+            else:
                 self.stats.transactions += 1
                 self.stats.applied += 1
-                return
-            except NftsyncError as exc:
-                last = exc
-        if op.mark is None and last is not None and "No such file" in str(last):
-            return  # deleting what the kernel already expired: nothing to do
-        self._fail(rmap, op, last)
+                return False
+        if err == errno.ENOENT and (missing := self._missing(rmap)) is not None:
+            self._refuse(rmap, op, missing, self._explain(rmap, err, missing), refusals, fresh)
+            return False
+        cause = _cause(err)
+        if cause == MAP_FULL:
+            self._note_full(rmap)
+        detail = self._explain(rmap, err, cause, op) if err else \
+            f"map {rmap.smap.ref}: {rmap.key_text(op.key)}: {exc}"
+        self._refuse(rmap, op, cause, detail, refusals, fresh)
+        return cause == MAP_FULL
 
-    def _fail(self, rmap: ReplicatedMap, op: ElementOp, exc: Exception | None) -> None:
-        self.stats.failed += 1
-        self.stats.last_error = f"{rmap.map_id} {rmap.key_text(op.key)}: {exc}"
-        log.warning("could not apply %s", self.stats.last_error)
-
-    def _apply_netlink(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> bool:
-        """The same transaction as `_commands` builds, as netlink messages. False (nothing
-        sent) if a key does not have the kernel's length for the map: nft text handles it."""
-        assert self.elem_writer is not None
-        ref = rmap.smap.ref
+    def _netlink_plan(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> tuple[
+            list[bytes], list[tuple[bytes, bytes, int | None, int | None]], list[int],
+            list[int]] | None:
+        """The same transaction as `_commands` builds, as SetElemWriter elements, with the
+        index of the op each delete / add comes from. None if a key does not have the
+        kernel's length for the map (the kernel would refuse the whole batch: EINVAL)."""
         timeout_ms = rmap.smap.timeout * 1000 if rmap.smap.timeout is not None else None
         klen = key_length(rmap.smap.key_type)
         in_place = self.refresh_in_place
         pack = _MARK.pack
         dels: list[bytes] = []
         adds: list[tuple[bytes, bytes, int | None, int | None]] = []
-        for op in ops:
+        del_ops: list[int] = []
+        add_ops: list[int] = []
+        # Adds that need a new slot go last: in a full map, the slot a replacement frees
+        # (its delete, earlier in the transaction) must go to that replacement's add.
+        grow: list[tuple[bytes, bytes, int | None, int | None]] = []
+        grow_ops: list[int] = []
+        for i, op in enumerate(ops):
             key = op.key
-            if len(key) != klen:  # the kernel would refuse the whole batch (EINVAL)
-                return False
+            if len(key) != klen:
+                return None
             if op.mark is None:
                 if op.old_mark is not None:
                     dels.append(key)
+                    del_ops.append(i)
                 continue
             ms = op.remaining_ms
             if op.old_mark is not None and (not in_place or ms == 0 or op.old_mark != op.mark):
                 dels.append(key)
+                del_ops.append(i)
             if ms == 0 or timeout_ms is None:
-                adds.append((key, pack(op.mark), None, None))
+                elem = (key, pack(op.mark), None, None)
             elif ms > timeout_ms:
-                adds.append((key, pack(op.mark), ms, ms))
+                elem = (key, pack(op.mark), ms, ms)
             else:
-                adds.append((key, pack(op.mark), None, ms))
-        self.elem_writer.apply(ref.family, ref.table, ref.name, dels, adds)
-        return True
+                elem = (key, pack(op.mark), None, ms)
+            if op.old_mark is None:
+                grow.append(elem)
+                grow_ops.append(i)
+            else:
+                adds.append(elem)
+                add_ops.append(i)
+        return dels, adds + grow, del_ops, add_ops + grow_ops
 
     def _commands(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> str:
         ref = rmap.smap.ref
@@ -313,8 +601,262 @@ class NftSink:
     def thread_is_ours(self, pid: int | None) -> bool:
         return pid is not None and pid in self.thread_ids
 
+    # == refusals =============================================================================
+    def _state(self, rmap: ReplicatedMap) -> _MapState:
+        """The map's state (lock held)."""
+        ref = rmap.smap.ref
+        st = self._maps.get(ref)
+        if st is None:
+            st = self._maps[ref] = _MapState(rmap, rmap.smap.size)
+        elif st.rmap is not rmap:
+            st.rmap = rmap
+            if rmap.smap.size is not None:
+                st.size = rmap.smap.size
+        return st
+
+    def _refuse(self, rmap: ReplicatedMap, op: ElementOp, cause: str, detail: str,
+                refusals: _Refusals, fresh: bool) -> None:
+        """Count a refused op (if `fresh`) and keep it for retry (adds only: a refused delete
+        has nothing left to remove)."""
+        refusals.add(cause, detail)
+        evicted: list[_Waiting] = []
+        with self._lock:
+            if fresh:
+                _count(self.stats, cause)
+            self.stats.last_error = detail
+            if op.mark is None:
+                return
+            st = self._state(rmap)
+            st.detail = detail
+            self._unwait(st, op.key)
+            st.waiting[op.key] = _Waiting(ElementOp(op.key, op.mark, op.remaining_ms, None),
+                                          cause, time.monotonic())
+            st.by_cause[cause] = st.by_cause.get(cause, 0) + 1
+            self.stats.waiting += 1
+            if self.stats.waiting > self.max_waiting:
+                evicted = self._evict_oldest(self.stats.waiting - self.max_waiting)
+        if evicted:
+            self.stats.failed += len(evicted)
+            log.warning("%d refused change(s) dropped: more than %d wait for retry",
+                        len(evicted), self.max_waiting)
+
+    def _evict_oldest(self, n: int) -> list[_Waiting]:
+        """Drop the `n` oldest waiting ops (lock held): the bound on what a refusal keeps."""
+        out: list[_Waiting] = []
+        for st in self._maps.values():
+            while st.waiting and len(out) < n:
+                out.append(self._unwait(st, next(iter(st.waiting))))
+        return [w for w in out if w is not None]
+
+    def _refuse_all(self, rmap: ReplicatedMap, ops: list[ElementOp], cause: str, detail: str,
+                    refusals: _Refusals, fresh: bool) -> None:
+        for op in ops:
+            self._refuse(rmap, op, cause, detail, refusals, fresh)
+
+    def _note_full(self, rmap: ReplicatedMap) -> None:
+        """The map is full: learn its size (for the words) if the ruleset did not say it."""
+        with self._lock:
+            st = self._state(rmap)
+            known = st.size
+        if known is None:
+            size = self._set_size(rmap)
+            with self._lock:
+                st.size = size
+
+    def _set_size(self, rmap: ReplicatedMap) -> int | None:
+        ref = rmap.smap.ref
+        try:
+            return self._querier().set_size(ref.family, ref.table, ref.name)
+        except (NftsyncError, OSError):
+            return None
+
+    def _missing(self, rmap: ReplicatedMap) -> str | None:
+        """NO_SUCH_TABLE / NO_SUCH_MAP if the map is not in the kernel (one set GET)."""
+        ref = rmap.smap.ref
+        try:
+            self._querier().set_size(ref.family, ref.table, ref.name)
+        except SetElemError as exc:
+            if exc.errno == errno.ENOENT:
+                return NO_SUCH_TABLE if exc.where == "table" else NO_SUCH_MAP
+            return None
+        except (NftsyncError, OSError):
+            return None
+        return None
+
+    def _querier(self) -> SetElemWriter:
+        if self.elem_writer is not None:
+            return self.elem_writer
+        if self._query is None:
+            self._query = SetElemWriter(sndbuf=1 << 16, rcvbuf=1 << 16)
+        return self._query
+
+    def _explain(self, rmap: ReplicatedMap, err: int | None, cause: str,
+                 op: ElementOp | None = None) -> str:
+        """A refusal in words, by what the errno means for a set (ENFILE on a set is "map
+        full", not "too many open files in system")."""
+        ref = rmap.smap.ref
+        if cause == MAP_FULL:
+            with self._lock:
+                size = self._state(rmap).size
+            return f"map {ref} is full ({size} of {size})" if size else f"map {ref} is full"
+        if cause == NO_SUCH_TABLE:
+            return f"table {ref.family} {ref.table} does not exist (map {ref.name})"
+        if cause == NO_SUCH_MAP:
+            return f"map {ref} does not exist"
+        key = f" {rmap.key_text(op.key)}" if op is not None else ""
+        if cause == EXISTS:
+            return f"map {ref}:{key} another value is already there"
+        what = os.strerror(err) if err else "refused"
+        return f"map {ref}:{key} {what.lower()} (errno {err})"
+
+    def _log_refusals(self, rmap: ReplicatedMap, refusals: _Refusals) -> None:
+        for cause, n in refusals.counts.items():
+            log.warning("%s: %d change(s) refused, kept for retry when that changes",
+                        refusals.first[cause], n)
+
+    def retry_refused(self) -> int:
+        """Hand the waiting ops of each map whose cause may have gone away back to the kernel
+        (now, or queued for the writer thread); returns how many. Cheap when nothing waits.
+
+        A full or missing map is probed once a second with one element; the rest follows only
+        if that one was accepted. Other causes back off (doubling, up to RETRY_MAX_S)."""
+        if not self.stats.waiting:
+            return 0
+        now = time.monotonic()
+        due: list[MapRef] = []
+        n = 0
+        with self._lock:
+            for ref, st in self._maps.items():
+                if st.waiting and not st.retry_queued and st.next_retry <= now:
+                    st.retry_queued = True
+                    due.append(ref)
+                    n += len(st.waiting)
+        if not due:
+            return 0
+        if self.writer is not None:
+            self.writer.submit(self._retry_now, 0, due, lane="nft")
+        else:
+            self._retry_now(due)
+        return n
+
+    def _retry_now(self, refs: list[MapRef]) -> None:
+        self.thread_ids.add(threading.get_native_id())
+        for ref in refs:
+            with self._lock:
+                st = self._maps[ref]
+                st.retry_queued = False
+                probe = self._take(st, 1)
+                rmap = st.rmap
+            if not probe:
+                continue
+            refusals = _Refusals()
+            before = self.stats.applied
+            self._write(rmap, probe, refusals, fresh=False)
+            ok = self.stats.applied > before
+            if ok:
+                while True:
+                    with self._lock:
+                        chunk = self._take(st, RETRY_CHUNK)
+                    if not chunk:
+                        break
+                    left = len(chunk)
+                    self._write(rmap, chunk, refusals, fresh=False)
+                    with self._lock:
+                        refused_again = any(op.key in st.waiting for op in chunk)
+                    if refused_again or left < RETRY_CHUNK:
+                        break
+            recovered = self.stats.applied - before
+            with self._lock:
+                self.stats.recovered += recovered
+                full = bool(st.by_cause.get(MAP_FULL) or st.by_cause.get(NO_SUCH_MAP) or
+                            st.by_cause.get(NO_SUCH_TABLE))
+                if ok:
+                    st.backoff = RETRY_FULL_S
+                elif not full:
+                    st.backoff = min(RETRY_MAX_S, st.backoff * 2)
+                st.next_retry = time.monotonic() + (RETRY_FULL_S if full else st.backoff)
+            if recovered:
+                log.info("map %s: %d refused change(s) written on retry, %d still waiting",
+                         ref, recovered, len(st.waiting))
+
+    def _take(self, st: _MapState, n: int) -> list[ElementOp]:
+        """Up to `n` of the oldest waiting ops, out of the store, with the expiry they have
+        left now (those that expired while waiting are dropped) (lock held)."""
+        out: list[ElementOp] = []
+        now = time.monotonic()
+        while st.waiting and len(out) < n:
+            w = self._unwait(st, next(iter(st.waiting)))
+            assert w is not None
+            op = w.op
+            if op.remaining_ms:
+                left = op.remaining_ms - int((now - w.since) * 1000)
+                if left <= 0:
+                    continue
+                op = ElementOp(op.key, op.mark, left, None)
+            out.append(op)
+        return out
+
+    def problems(self) -> list[str]:
+        """What waits for retry, and why, in words (one line per map and cause)."""
+        out: list[str] = []
+        with self._lock:
+            for ref, st in self._maps.items():
+                for cause, n in sorted(st.by_cause.items()):
+                    if n <= 0:
+                        continue
+                    if cause == MAP_FULL:
+                        size = st.size
+                        what = f"map {ref} is full ({size} of {size})" if size else \
+                            f"map {ref} is full"
+                    elif cause == NO_SUCH_MAP:
+                        what = f"map {ref} does not exist"
+                    elif cause == NO_SUCH_TABLE:
+                        what = f"table {ref.family} {ref.table} does not exist (map {ref.name})"
+                    elif cause == EXISTS:
+                        what = f"map {ref}: another value is already there"
+                    else:
+                        what = st.detail or f"map {ref}: refused by the kernel"
+                    out.append(f"{what}: {n} session(s) waiting")
+        return out
+
 
 _MARK = struct.Struct("=I")  # meta mark values are host order in the kernel
+
+_ERRNOS = (errno.ENFILE, errno.ENOENT, errno.EEXIST, errno.EBUSY, errno.EINVAL, errno.ERANGE,
+           errno.EOPNOTSUPP, errno.ENOSPC, errno.ENOMEM, errno.EPERM)
+
+
+def _last_per_key(ops: list[ElementOp]) -> list[ElementOp]:
+    """One op per key: the last one wins, with the first one's belief about the kernel (what
+    it held before this batch). Two ops of one key in one transaction would contradict each
+    other (deletes go first), and the kernel would refuse the batch for nothing."""
+    if len({op.key for op in ops}) == len(ops):
+        return ops
+    out: dict[bytes, ElementOp] = {}
+    for op in ops:
+        prev = out.get(op.key)
+        out[op.key] = op if prev is None else \
+            ElementOp(op.key, op.mark, op.remaining_ms, prev.old_mark)
+    return list(out.values())
+
+
+def _errno_of(text: str) -> int | None:
+    """The errno behind an nft error text (libnftables prints only strerror)."""
+    for e in _ERRNOS:
+        if os.strerror(e) in text:
+            return e
+    return None
+
+
+def _cause(err: int | None) -> str:
+    """The cause of a refused element by its errno, in the context of a set element."""
+    if err == errno.ENFILE:
+        return MAP_FULL
+    if err in (errno.EEXIST, errno.EBUSY):
+        return EXISTS
+    if err in (errno.EINVAL, errno.ERANGE, errno.EOPNOTSUPP):
+        return INVALID
+    return OTHER
 
 
 def _netlink_ok(rmap: ReplicatedMap) -> bool:
@@ -349,7 +891,7 @@ class CtSink:
         if not ops:
             return
         if self.writer is not None:
-            self.writer.submit(self._apply_queued, len(ops), ops)
+            self.writer.submit(self._apply_queued, len(ops), ops, lane="ct")
             return
         self._apply_now(ops)
 

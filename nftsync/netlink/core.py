@@ -237,6 +237,37 @@ def attr_table(mv: memoryview | bytes | bytearray, maxtype: int) -> list[memoryv
     return table
 
 
+NLMSGERR_ATTR_MSG = 1  # extended ACK: the kernel's error string
+NLMSGERR_ATTR_OFFS = 2  # extended ACK: offset of the offending attribute in the request
+
+
+def parse_error_ext(payload: memoryview | bytes, flags: int) -> tuple[int, int, int | None,
+                                                                      str | None]:
+    """Decode an NLMSG_ERROR payload with its extended ACK (NETLINK_EXT_ACK): (errno, seq,
+    offset of the attribute the kernel blames, counted from the start of the request's
+    nlmsghdr, or None; the kernel's message or None).
+
+    Why: a refused nf_tables batch names only an errno, and the same errno means different
+    things (ENOENT: no such table, no such set, or no such element); the offset says which
+    attribute, so the caller can tell them apart and find the one element at fault without
+    trying the elements one by one.
+    """
+    err, seq = parse_error(payload)
+    if not flags & NLM_F_ACK_TLVS:
+        return err, seq, None, None
+    if flags & NLM_F_CAPPED:
+        tlv_start = 4 + NLMSG_HDRLEN
+    else:  # the whole request is echoed: its own length says where the TLVs start
+        tlv_start = 4 + align4(NLMSG_HDR.unpack_from(payload, 4)[0])
+    offset = msg = None
+    for atype, _nested, data in iter_attrs(payload[tlv_start:]):
+        if atype == NLMSGERR_ATTR_OFFS and len(data) >= 4:
+            offset = struct.unpack_from("=I", data)[0]
+        elif atype == NLMSGERR_ATTR_MSG:
+            msg = bytes(data).split(b"\0", 1)[0].decode(errors="replace")
+    return err, seq, offset, msg
+
+
 def parse_error(payload: memoryview | bytes) -> tuple[int, int]:
     """Decode an NLMSG_ERROR payload: returns (errno, seq of the request it answers).
 

@@ -20,6 +20,12 @@ NFTA_SET_ELEM_DATA { NFTA_DATA_VALUE }, NFTA_SET_ELEM_TIMEOUT (be64 ms),
 NFTA_SET_ELEM_EXPIRATION (be64 ms) }. Messages are filled up to ~64 KiB because the nested
 NFTA_SET_ELEM_LIST_ELEMENTS attribute has a 16-bit length.
 
+When the kernel refuses a batch it names the errno, the message and (extended ACK,
+NETLINK_EXT_ACK) the attribute at fault: `apply` turns that into a `SetElemError` saying whether
+the table, the set, or which delete/add element was refused, so a caller can drop or fix that one
+element and resend the rest instead of retrying every element alone (a full map refused
+thousands of elements at ~50/s that way, stalling everything queued behind them).
+
 Events of these transactions carry this socket's port id (`portid`) in their nlmsg_pid and the
 writing thread's id in NEWGEN, so the daemon drops its own echo exactly as for libnftables.
 """
@@ -31,6 +37,7 @@ import struct
 from collections.abc import Sequence
 
 from nftsync.netlink.core import (
+    NETLINK_EXT_ACK,
     NETLINK_NETFILTER,
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
@@ -40,14 +47,16 @@ from nftsync.netlink.core import (
     NLM_F_CREATE,
     NLM_F_REQUEST,
     NLMSG_ERROR,
+    SOL_NETLINK,
     NetlinkError,
     NetlinkSocket,
+    iter_attrs,
     iter_messages,
     nfgenmsg,
     nfnl_type,
     nla_str,
     nlmsg,
-    parse_error,
+    parse_error_ext,
 )
 from nftsync.netlink.nftables import (
     DATATYPE_SIZES,
@@ -63,7 +72,14 @@ from nftsync.netlink.nftables import (
     NFTA_SET_ELEM_LIST_SET,
     NFTA_SET_ELEM_LIST_TABLE,
     NFTA_SET_ELEM_TIMEOUT,
+    NFTA_SET_NAME,
+    NFTA_SET_TABLE,
 )
+
+NFT_MSG_GETSET = 10
+NFTA_SET_DESC = 9
+NFTA_SET_DESC_SIZE = 1
+_NLMSG_HDRLEN = 16
 
 FAMILY_NUMBERS = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
 
@@ -77,6 +93,58 @@ _LIST_NESTED = NFTA_LIST_ELEM | NLA_F_NESTED
 
 # One element to add: (key bytes, data bytes or None, timeout ms or None, expiration ms or None)
 AddElem = tuple[bytes, "bytes | None", "int | None", "int | None"]
+
+
+class SetElemError(NetlinkError):
+    """The kernel refused an element batch (nothing of it changed), and what it blamed.
+
+    `where`: "table" or "set" (that object does not exist, for ENOENT), "delete" or "add"
+    (the element `index` of the `deletes` / `adds` passed to `apply`), or None when the kernel
+    did not say (no extended ACK, or an error outside the element lists).
+    """
+
+    def __init__(self, err: int, where: str | None = None, index: int = -1,
+                 detail: str | None = None) -> None:
+        self.where = where
+        self.index = index
+        self.detail = detail
+        self.seq = 0  # the refused message's sequence number (earliest wins)
+        what = "nft element batch"
+        if where in ("delete", "add"):
+            what += f" ({where} #{index})"
+        elif where is not None:
+            what += f" ({where})"
+        super().__init__(err, what)
+
+
+class _Layout:
+    """Where each element of one sent batch sits, to map the kernel's (seq, offset) back to it."""
+
+    def __init__(self, first_seq: int, head: bytes, bodies: list[tuple[int, list[bytes]]],
+                 table_attr_len: int) -> None:
+        self.first_seq = first_seq
+        self.head_len = len(head)
+        self.table_end = _NLMSG_HDRLEN + 4 + table_attr_len  # nlmsghdr, nfgenmsg, table
+        self.bodies = bodies
+
+    def locate(self, seq: int, offset: int | None) -> tuple[str | None, int]:
+        i = seq - self.first_seq - 1  # message i of bodies (BATCH_BEGIN is first_seq)
+        if offset is None or not 0 <= i < len(self.bodies):
+            return None, -1
+        if offset < self.table_end:
+            return "table", -1
+        head_end = _NLMSG_HDRLEN + self.head_len
+        if offset < head_end:
+            return "set", -1
+        msg, elems = self.bodies[i]
+        where = "delete" if msg == NFT_MSG_DELSETELEM else "add"
+        base = sum(len(e) for m, e in self.bodies[:i] if m == msg)  # earlier messages' elements
+        pos = head_end + 4  # after the NFTA_SET_ELEM_LIST_ELEMENTS header
+        for j, e in enumerate(elems):
+            if pos <= offset < pos + len(e):
+                return where, base + j
+            pos += len(e)
+        return None, -1
 
 
 def key_length(types: Sequence[str]) -> int | None:
@@ -176,6 +244,13 @@ class SetElemWriter:
         self.sock = NetlinkSocket(NETLINK_NETFILTER, rcvbuf=rcvbuf, sndbuf=sndbuf)
         self.timeout = timeout
         self.transactions = 0
+        # Extended ACK: the kernel says which attribute (element) it refused. Without it
+        # (very old kernels) errors carry no location and callers fall back to bisection.
+        try:
+            self.sock.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+            self.ext_ack = True
+        except OSError:
+            self.ext_ack = False
 
     @property
     def portid(self) -> int:
@@ -189,25 +264,62 @@ class SetElemWriter:
               adds: Sequence[AddElem]) -> None:
         """Delete `deletes` then add `adds` in `family table set_name`, as one transaction.
 
-        Raises `NetlinkError` (errno of the first failure) if the kernel refused any of it, in
-        which case it changed nothing. Raises OSError if the batch could not be sent (e.g.
-        EMSGSIZE beyond the send buffer).
+        Raises `SetElemError` (errno of the first failure, and which element or object it
+        was, see there) if the kernel refused any of it, in which case it changed nothing.
+        Raises OSError if the batch could not be sent (e.g. EMSGSIZE beyond the send buffer).
         """
         if not deletes and not adds:
             return
         fam = FAMILY_NUMBERS.get(family)
         if fam is None:
             raise NetlinkError(errno.EAFNOSUPPORT, f"nft family {family!r}")
-        head = nfgenmsg(fam) + nla_str(NFTA_SET_ELEM_LIST_TABLE, table) + \
-            nla_str(NFTA_SET_ELEM_LIST_SET, set_name)
+        table_attr = nla_str(NFTA_SET_ELEM_LIST_TABLE, table)
+        head = nfgenmsg(fam) + table_attr + nla_str(NFTA_SET_ELEM_LIST_SET, set_name)
         bodies: list[tuple[int, list[bytes]]] = []
         if deletes:
             _chunk(bodies, NFT_MSG_DELSETELEM, [encode_delete(k) for k in deletes])
         if adds:
             _chunk(bodies, NFT_MSG_NEWSETELEM, encode_adds(adds))
-        self._send(head, bodies)
+        self._send(head, bodies, len(table_attr))
 
-    def _send(self, head: bytes, bodies: list[tuple[int, list[bytes]]]) -> None:
+    def set_size(self, family: str, table: str, set_name: str) -> int:
+        """The set's maximum number of elements (`size`; 0: no limit), from one NFT_MSG_GETSET
+        (a few hundred bytes, however many elements the set holds: never a dump of them).
+        Raises `SetElemError` (ENOENT, where "table" or "set") when it does not exist."""
+        fam = FAMILY_NUMBERS.get(family)
+        if fam is None:
+            raise NetlinkError(errno.EAFNOSUPPORT, f"nft family {family!r}")
+        table_attr = nla_str(NFTA_SET_TABLE, table)
+        seq = self.sock.next_seq()
+        msg = nlmsg(nfnl_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSET), NLM_F_REQUEST | NLM_F_ACK,
+                    seq, nfgenmsg(fam) + table_attr + nla_str(NFTA_SET_NAME, set_name))
+        self._drain()
+        self.sock.send(msg)
+        table_end = _NLMSG_HDRLEN + 4 + len(table_attr)
+        size = 0
+        while True:
+            mv = self.sock.recv_blocking(self.timeout)
+            if mv is None:
+                raise NetlinkError(errno.ETIMEDOUT, "nft set query: no answer")
+            for mtype, flags, mseq, _pid, payload in iter_messages(mv):
+                if mseq != seq:
+                    continue
+                if mtype == NLMSG_ERROR:
+                    err, _, offset, detail = parse_error_ext(payload, flags)
+                    if err:
+                        where = None if offset is None else \
+                            "table" if offset < table_end else "set"
+                        raise SetElemError(err, where, detail=detail)
+                    return size
+                for atype, _n, data in iter_attrs(payload[4:]):
+                    if atype != NFTA_SET_DESC:
+                        continue
+                    for dtype, _n2, d in iter_attrs(data):
+                        if dtype == NFTA_SET_DESC_SIZE and len(d) >= 4:
+                            size = int.from_bytes(d[:4], "big")
+
+    def _send(self, head: bytes, bodies: list[tuple[int, list[bytes]]],
+              table_attr_len: int) -> None:
         sock = self.sock
         seq = sock.next_seq(len(bodies) + 2)
         last = seq + len(bodies)  # the last element message: the one that is ACKed
@@ -226,36 +338,38 @@ class SetElemWriter:
         self._drain()  # stale replies of an earlier, timed-out call must not be read as ours
         sock.send(b"".join(parts))
         self.transactions += 1
-        self._collect(seq, last + 1, last)
+        self._collect(seq, last + 1, last, _Layout(seq, head, bodies, table_attr_len))
 
-    def _collect(self, first: int, end: int, last: int) -> None:
+    def _collect(self, first: int, end: int, last: int, layout: _Layout) -> None:
         """Read the replies for sequence numbers first..end: raise on the first error, return at
         the ACK of `last`. The kernel queued them all before sendmsg returned, so an empty socket
         after an error means the report is complete (a batch refused as a whole may never
         reach the message that carries the ACK request)."""
-        error = 0
+        error: SetElemError | None = None  # the first failure in transaction order
         while True:
             mv = self.sock.recv() if error else self.sock.recv_blocking(self.timeout)
             if mv is None:
                 if error:
-                    raise NetlinkError(error, "nft element batch")
+                    raise error
                 raise NetlinkError(errno.ETIMEDOUT, "nft element batch: no ACK")
             acked = False
-            for mtype, _flags, mseq, _pid, payload in iter_messages(mv):
+            for mtype, flags, mseq, _pid, payload in iter_messages(mv):
                 if mtype != NLMSG_ERROR or not first <= mseq <= end:
                     continue
                 try:
-                    err, _ = parse_error(payload)
+                    err, _, offset, detail = parse_error_ext(payload, flags)
                 except ValueError:
-                    err = errno.EPROTO
-                if err and not error:
-                    error = err
+                    err, offset, detail = errno.EPROTO, None, None
+                if err and (error is None or mseq < error.seq):
+                    where, index = layout.locate(mseq, offset)
+                    error = SetElemError(err, where, index, detail)
+                    error.seq = mseq
                 if mseq == last:
                     acked = True
             if acked:
                 if error:
                     self._drain()
-                    raise NetlinkError(error, "nft element batch")
+                    raise error
                 return
 
     def _drain(self) -> None:
@@ -286,5 +400,5 @@ def _chunk(out: list[tuple[int, list[bytes]]], msg: int, elems: list[bytes]) -> 
         out.append((msg, cur))
 
 
-__all__ = ["FAMILY_NUMBERS", "NFT_DATA_VALUE_MAXLEN", "SetElemWriter", "encode_add",
+__all__ = ["FAMILY_NUMBERS", "NFT_DATA_VALUE_MAXLEN", "SetElemError", "SetElemWriter", "encode_add",
            "encode_adds", "encode_delete", "key_length"]

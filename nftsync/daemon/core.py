@@ -535,6 +535,7 @@ class Daemon:
                 continue
             last_tick = now
             self._collect_garbage(now)
+            self.nft_sink.retry_refused()  # refused session writes whose cause may be gone
             try:
                 self._tick()
             except NftsyncError as exc:
@@ -637,6 +638,7 @@ class Daemon:
         if self.nft_sink.stats.failed or (self.ct_sink and self.ct_sink.stats.failed):
             reasons.append("some replicated changes could not be applied to the kernel "
                            "(see stats)")
+        reasons.extend(self.nft_sink.problems())  # refused writes waiting, in words
         if not reasons:
             return "ok", []
         failing = (self.config.peers and not up and not grace) or \
@@ -666,7 +668,8 @@ class Daemon:
             "sessions": sessions, "conntrack": len(self.conntrack),
             "kernel": {"nft": _stats(self.nft_sink.stats),
                        "conntrack": _stats(self.ct_sink.stats) if self.ct_sink else None,
-                       "queued": self.kernel.queued if self.kernel else 0},
+                       "queued": self.kernel.queued if self.kernel else 0,
+                       "problems": self.nft_sink.problems()},
             "events": {
                 "conntrack": _stats(self._ct_events.stats) if self._ct_events else None,
                 "nftables": _stats(self._nft_events.stats) if self._nft_events else None},

@@ -21,9 +21,11 @@ rather than repaired afterwards:
   (the map's timeout), others `TOMBSTONE_MAX_S`; at most `capacity` per table. A node away for
   longer than that, with its kernel kept, can bring back an entry deleted elsewhere: then it is
   the newest thing anyone knows about that key, and it still expires on its own.
-* **What a node finds in its kernel at start-up** has no known author (`UNVERIFIED`) and the time
-  the kernel implies (a session's last refresh: expiry minus timeout; a conntrack entry: "long
-  ago"), so any live change a peer knows of wins over it, and it fills in what peers lack.
+* **What a node finds in its kernel at start-up** has no known author (`UNVERIFIED`) and an old
+  date (a session: a day before the refresh its expiry implies; a conntrack entry: "long ago"):
+  any change a peer saw live wins over it, and it fills in what peers lack. A node that finds a
+  session whose copy arrived late must not let it beat a delete made meanwhile; changes made
+  while the daemon was stopped were never seen, so they do not count as live.
 * **Peer records are checked** before they count: known map and key, a backend mark of the farm,
   a conntrack mark of a farm, no timestamp from the far future, expiry capped by the map's
   timeout, at most `capacity` live entries per origin. A refused record is counted by cause and
@@ -46,13 +48,17 @@ from nftsync.proto import (
     SessionRecord,
 )
 
-from .table import U64_MAX, UNVERIFIED, Entry, Table, newer
+from .table import U64_MAX, UNVERIFIED, Entry, Table
 
 CT_TABLE = "conntrack"
 MAX_FUTURE_MS = 24 * 3600 * 1000  # a record more than a day ahead of our clock is refused
 TOMBSTONE_MIN_S = 120.0  # a deletion is remembered at least this long
 TOMBSTONE_MAX_S = 3600.0  # ... and at most this long, unless the map's timeout says longer
 FOUND_CT_MS = 1  # "long ago": the time of a conntrack entry found in the kernel at start-up
+# A session found in the kernel at start-up is dated this much before its last refresh (which
+# the kernel implies: expiry minus timeout): any change a peer saw live in the meantime wins over
+# it, and found sessions still order among themselves (the most recently refreshed wins).
+FOUND_PENALTY_MS = 24 * 3600 * 1000
 SWEEP_BUDGET = 10_000  # keys looked at per sweep slice (~2.5 ms)
 
 
@@ -151,12 +157,15 @@ class Replica:
         return SessionRecord(OP_DELETE, map_id, key, 0, 0, t.updated_ms, self.node_id)
 
     def found_session(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
-                      updated_ms: int) -> bool:
-        """An element found in the kernel at start-up (or after lost events). It fills what we
-        lack; what we hold already (same backend) stays as it is. True if it was taken."""
+                      refreshed_ms: int) -> bool:
+        """An element found in the kernel at start-up, last refreshed (as far as its expiry
+        tells) at `refreshed_ms`. It fills what we lack; what we hold already stays. True if it
+        was taken."""
+        updated_ms = max(FOUND_CT_MS, refreshed_ms - FOUND_PENALTY_MS)
         table = self.sessions[map_id]
-        cur = table.latest(key)
-        if cur is not None and (cur.value == mark or not newer(updated_ms, UNVERIFIED, cur)):
+        cur = table.get(key)
+        if (cur is not None and cur.value == mark) or \
+                not table.beats(key, updated_ms, UNVERIFIED, mark):
             return False
         table.put(key, Entry(mark, expires_at, updated_ms, UNVERIFIED))
         return True
@@ -239,8 +248,7 @@ class Replica:
         if r.op == OP_ADD and r.mark not in pol.marks:
             return "unknown_backend"
         table = self.sessions[r.map_id]
-        cur = table.latest(key)
-        if not newer(r.updated_ms, r.origin, cur):
+        if not table.beats(key, r.updated_ms, r.origin, r.mark if r.op == OP_ADD else None):
             return ""
         live = table.get(key)
         old = live.value if live is not None else None
@@ -270,8 +278,7 @@ class Replica:
             return "foreign_mark"
         table = self.conntrack
         key = ct.key
-        cur = table.latest(key)
-        if not newer(r.updated_ms, r.origin, cur):
+        if not table.beats(key, r.updated_ms, r.origin, ct if r.op == OP_UPSERT else None):
             return ""
         live = table.get(key)
         if r.op == OP_DELETE:

@@ -42,11 +42,24 @@ class Entry:
         return max(1, int((self.expires_at - now) * 1000))
 
 
-def newer(updated_ms: int, origin: int, cur: Entry | None) -> bool:
-    """The conflict rule: the newest change wins, then the highest origin node id."""
-    if cur is None:
-        return True
-    return (updated_ms, origin) > (cur.updated_ms, cur.origin)
+def newer(updated_ms: int, origin: int, value: object, cur_ms: int, cur_origin: int,
+          cur_value: object) -> bool:
+    """The conflict rule: the newest change wins, then the highest origin node id, then the
+    highest value (None for a deletion). Only state found in two kernels at start-up ties on
+    the first two: a running node never stamps two changes of one key with the same time."""
+    if updated_ms != cur_ms or origin != cur_origin:
+        return (updated_ms, origin) > (cur_ms, cur_origin)
+    return rank(value) > rank(cur_value)
+
+
+def rank(value: object) -> tuple:
+    """The order of values in a tie: nothing (a deletion) lowest, then marks by number and
+    conntrack entries by their wire bytes."""
+    if value is None:
+        return (0,)
+    if isinstance(value, int):
+        return (1, value)
+    return (1, value.to_bytes())  # type: ignore[attr-defined]
 
 
 class Table:
@@ -69,9 +82,17 @@ class Table:
         return self.live.get(key)
 
     def latest(self, key: object) -> Entry | None:
-        """The entry or the tombstone: what a record for `key` must be newer than."""
+        """The entry or the tombstone: what a change of `key` is ordered after."""
         e = self.live.get(key)
         return e if e is not None else self.dead.get(key)
+
+    def beats(self, key: object, updated_ms: int, origin: int, value: object) -> bool:
+        """Whether a change (value None: a deletion) wins over what we hold for `key`."""
+        e = self.live.get(key)
+        if e is not None:
+            return newer(updated_ms, origin, value, e.updated_ms, e.origin, e.value)
+        t = self.dead.get(key)
+        return t is None or newer(updated_ms, origin, value, t.updated_ms, t.origin, None)
 
     def is_dead(self, key: object) -> bool:
         return key in self.dead

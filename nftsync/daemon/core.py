@@ -106,6 +106,7 @@ class Daemon:
         self._reconcile_ct = False
         self._reconcile_maps = False
         self._last_full_gc = time.monotonic()
+        self._capped_seen = 0  # replica.capped at the last warning (one line a second at most)
         self._echo_filter: object | None = None  # BPF program dropping our own nft events
         self.nft = Nft()
         # The sink's own libnftables context: its writes run in the kernel writer thread.
@@ -560,6 +561,11 @@ class Daemon:
         gc.freeze()
 
     def _tick(self) -> None:
+        capped = self.replica.capped
+        if capped != self._capped_seen:
+            log.warning("%d session record(s) carried an expiry longer than their map's timeout "
+                        "and were cut to it (%d in all)", capped - self._capped_seen, capped)
+            self._capped_seen = capped
         if self._echo_filter is not None and not self.nft_sink.echo_filter_valid():
             # libnftables replaced its socket: its port id is no longer ours to filter on.
             assert self._nft_events is not None

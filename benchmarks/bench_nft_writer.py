@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import netns  # noqa: E402
 
 from nftsync.daemon.farms import ReplicatedMap  # noqa: E402
-from nftsync.daemon.sink import ElementOp, NftSink  # noqa: E402
+from nftsync.daemon.sink import NftSink  # noqa: E402
 from nftsync.model import MapRef, Role, SessionMap  # noqa: E402
+from nftsync.replication import ElementOp  # noqa: E402
 
 TABLE = """table ip bench {
     map sessions { type ipv4_addr : mark; flags dynamic, timeout; timeout 3600s; size 4000000; }

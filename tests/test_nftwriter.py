@@ -193,8 +193,9 @@ def test_sink_netlink_path_and_fallback(nsw) -> None:
     key it thinks absent exists with another value) the batch fails as a whole and is retried
     element by element, so every change lands."""
     from nftsync.daemon.farms import ReplicatedMap
-    from nftsync.daemon.sink import ElementOp, NftSink
+    from nftsync.daemon.sink import NftSink
     from nftsync.model import MapRef, Role, SessionMap
+    from nftsync.replication import ElementOp
 
     ns, _w = nsw
     smap = SessionMap(MapRef("ip", "t", "m"), Role.SESSIONS, "f", ("ipv4_addr",), "mark",

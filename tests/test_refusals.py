@@ -24,9 +24,10 @@ from daemons import SYNC4, DaemonProc, make_key, wait_for
 from helpers import RULESETS, map_elements, nftsync, reset_node
 
 from nftsync.daemon.farms import ReplicatedMap
-from nftsync.daemon.sink import CtSink, ElementOp, KernelWriter, NftSink
+from nftsync.daemon.sink import CtSink, KernelWriter, NftSink
 from nftsync.model import MapRef, Role, SessionMap
 from nftsync.netlink.ctnetlink import CtEntry
+from nftsync.replication import ElementOp
 
 RULESET = """table ip t {
     map m {

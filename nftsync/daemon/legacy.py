@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from nftsync.compat.iptables import Backend, LegacyFarm, load_farm
 from nftsync.compat.xtrecent import XtRecentError, XtRecentTable
+from nftsync.replication import ElementOp
 
-from .sink import ElementOp, SinkStats
+from .sink import SinkStats
 
 log = logging.getLogger("nftsync.daemon")
 

@@ -55,6 +55,7 @@ from nftsync.netlink.core import NetlinkError
 from nftsync.netlink.ctnetlink import CtEntry, CtWriter
 from nftsync.netlink.nftwriter import SetElemError, SetElemWriter, key_length
 from nftsync.nft import Nft
+from nftsync.replication import ElementOp
 from nftsync.tables.nftmap import kernel_refreshes_expiry
 
 from .farms import ReplicatedMap
@@ -188,18 +189,6 @@ class KernelWriter:
             if lane.thread.is_alive():
                 log.warning("kernel writer: %d change(s) still queued at shutdown (%s)",
                             lane.queued, lane.name)
-
-
-@dataclass(slots=True)
-class ElementOp:
-    key: bytes
-    mark: int | None  # None: delete
-    remaining_ms: int  # 0: no timeout
-    old_mark: int | None  # what the mirror believes the kernel has (None: absent, -1: unknown)
-
-    @property
-    def exists(self) -> bool:
-        return self.old_mark is not None
 
 
 @dataclass(slots=True)

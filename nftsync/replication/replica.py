@@ -80,7 +80,7 @@ class ElementOp:
     key: bytes
     mark: int | None  # None: delete
     remaining_ms: int  # 0: no timeout
-    old_mark: int | None  # what this node believes the kernel has (None: absent)
+    old_mark: int | None  # what this node believes the kernel has (None: absent, -1: unknown)
 
     @property
     def exists(self) -> bool:

@@ -54,7 +54,7 @@ deadline=$(sed -n 's/.*nftsync\.deadline=\([0-9]*\).*/\1/p' /proc/cmdline)
 sel=$(sed -n 's/.*nftsync\.select=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 daemon="tests/test_daemon.py::test_traffic_sessions_and_conntrack_replicate \
     tests/test_daemon.py::test_admin_changes_and_deletes_propagate \
-    tests/test_daemon.py::test_backup_restart_resyncs_and_removes_stale"
+    tests/test_daemon.py::test_backup_restart_resyncs_keeps_found_and_live_deletes"
 if [ "$sel" = full ]; then
     sel="$daemon tests/test_farm.py tests/test_nft_events.py"
 elif [ -z "$sel" ]; then

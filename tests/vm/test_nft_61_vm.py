@@ -73,7 +73,7 @@ _EVENTS = [
 ]
 _DAEMON = [
     "test_traffic_sessions_and_conntrack_replicate", "test_admin_changes_and_deletes_propagate",
-    "test_backup_restart_resyncs_and_removes_stale",
+    "test_backup_restart_resyncs_keeps_found_and_live_deletes",
 ]
 GUEST_TESTS = ([f"pytest:tests/test_daemon.py::{t}" for t in _DAEMON]
                + [f"pytest:tests/test_farm.py::{t}"

@@ -60,6 +60,11 @@ class FakeDaemon:
                  "last_error": "Connection refused", "sent": 0, "received": 0, "applied": 0,
                  "lag_ms": None, "resnapshots": 0, "auth_failures": 2}]
 
+    def control_ops(self) -> dict:
+        return {"status": self.status, "peers": self.peers, "stats": self.stats,
+                "resync": self.resync, "promote": self.promote, "demote": self.demote,
+                "show": self.show}
+
     def stats(self) -> dict:
         self.calls.append(("stats", {}))
         return {"counters": {"ct_events": 5, "auth_failures": 2}, "conntrack": 3,
@@ -75,7 +80,7 @@ class FakeDaemon:
     def promote(self) -> dict:
         old, self.role = self.role, "active"
         self.calls.append(("promote", {}))
-        return {"role": "active", "was": old, "claimed": 0}
+        return {"role": "active", "was": old}
 
     def demote(self) -> dict:
         old, self.role = self.role, "backup"
@@ -99,7 +104,7 @@ class Served:
         self.path = path
         self.daemon = daemon
         self.loop = asyncio.new_event_loop()
-        self.server = ControlServer(daemon, path)
+        self.server = ControlServer(daemon.control_ops(), path)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> Served:
@@ -151,7 +156,7 @@ def test_every_command_round_trips(served: Served) -> None:
     assert control.call(p, "stats")["conntrack"] == 3
     assert control.call(p, "resync") == {"resync": ["lb2"]}
     assert control.call(p, "resync", {"peer": "lb9"}) == {"resync": ["lb9"]}
-    assert control.call(p, "promote") == {"role": "active", "was": "backup", "claimed": 0}
+    assert control.call(p, "promote") == {"role": "active", "was": "backup"}
     assert control.call(p, "demote") == {"role": "backup", "was": "active"}
     shown = control.call(p, "show", {"farm": "web", "limit": 2})
     assert len(shown["farms"]["web"]["sessions"]["entries"]) == 2
@@ -343,7 +348,7 @@ def test_stale_socket_is_replaced(sock_path: str) -> None:
 
 def test_live_socket_refuses_second_server(served: Served) -> None:
     async def second() -> None:
-        await ControlServer(FakeDaemon(), served.path).start()
+        await ControlServer(FakeDaemon().control_ops(), served.path).start()
     with pytest.raises(ControlError, match=rf"^another nftsync daemon \(pid {os.getpid()}\) is "
                        rf"already listening on {served.path}: stop it first"):
         asyncio.run(second())
@@ -354,7 +359,7 @@ def test_non_socket_file_is_not_removed(sock_path: str) -> None:
     os.makedirs(os.path.dirname(sock_path))
     Path(sock_path).write_text("precious")
     with pytest.raises(ControlError, match="exists and is not a socket"):
-        asyncio.run(ControlServer(FakeDaemon(), sock_path).start())
+        asyncio.run(ControlServer(FakeDaemon().control_ops(), sock_path).start())
     assert Path(sock_path).read_text() == "precious"
 
 
@@ -414,7 +419,7 @@ def test_ctl_outputs_and_status_exit_codes(served: Served) -> None:
 
 LOG_SNIPPET = """
 import logging
-from nftsync.cli.daemon import setup_logging
+from nftsync.daemon.service import setup_logging
 setup_logging("info")
 log = logging.getLogger("nftsync.test")
 log.debug("hidden")

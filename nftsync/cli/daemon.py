@@ -1,21 +1,16 @@
-"""`nftsync daemon`: run the sync daemon in the foreground (systemd runs it as Type=simple)."""
+"""`nftsync daemon`: parse the flags, check the configuration, hand over to
+nftsync.daemon.service (the process runner: signals, reload, logging)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
 import sys
 from typing import Any
 
 import click
 
-from nftsync import __version__
 from nftsync.cli.common import emit, handle_errors, json_option, require_root
 from nftsync.daemon.config import DEFAULT_CONFIG, DaemonConfig, load_config
-from nftsync.daemon.control import ControlServer
-from nftsync.errors import NftsyncError
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -93,12 +88,10 @@ def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
         emit(as_json, describe(config), _describe_text)
         return
     require_root()
-    setup_logging(config.log_level)
-    try:
-        asyncio.run(_Runner(config, config_path, overrides).run())
-    except KeyboardInterrupt:  # ^C before the signal handlers were installed
-        log.info("interrupted during start-up")
-        sys.exit(130)
+    # Imported here so that `--help`, `--check` and config errors never load the daemon.
+    from nftsync.daemon.service import serve
+
+    sys.exit(serve(config, config_path, overrides))
 
 
 def describe(config: DaemonConfig) -> dict[str, Any]:
@@ -134,129 +127,3 @@ def _describe_text(d: dict[str, Any]) -> str:
             value = ", ".join(value) or "(none)"
         lines.append(f"  {key:26} {value}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------
-
-def on_journal() -> bool:
-    """True when stderr is connected to journald (systemd sets JOURNAL_STREAM to its dev:ino)."""
-    value = os.environ.get("JOURNAL_STREAM")
-    if not value:
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return value == f"{st.st_dev}:{st.st_ino}"
-
-
-class JournalFormatter(logging.Formatter):
-    """`<N>level: message`: journald takes the priority from <N> and adds its own timestamp."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = _PRIORITY.get(record.levelno, 6)
-        text = super().format(record)
-        # journald splits on newlines: give every line (e.g. of a traceback) the priority.
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if on_journal():
-        handler.setFormatter(JournalFormatter("%(levelname)s: %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-
-
-# --------------------------------------------------------------------------------------------
-# Running
-# --------------------------------------------------------------------------------------------
-
-class _Runner:
-    """Owns the daemon, its control socket and the signal handlers for one `nftsync daemon`."""
-
-    def __init__(self, config: DaemonConfig, config_path: str | None,
-                 overrides: dict[str, Any]) -> None:
-        self.config = config
-        self.config_path = config_path
-        self.overrides = overrides
-        self._reload_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self) -> None:
-        # Imported here so that `--help`, `--check` and config errors never depend on the core.
-        from nftsync.daemon.core import Daemon
-
-        daemon = Daemon(self.config)
-        loop = asyncio.get_running_loop()
-        # Handlers first: a stop requested during start-up makes run() return right after it.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop, daemon, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, self._spawn_reload, daemon)
-        control = ControlServer(daemon, self.config.socket)
-        try:
-            await control.start()  # refuses to start when another daemon owns the socket
-        except BaseException:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            raise
-        log.info("nftsync %s starting (pid %d, configuration: %s)", __version__, os.getpid(),
-                 self.config.config_file or "command line only")
-        try:
-            await daemon.run()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            for task in list(self._tasks):
-                task.cancel()
-            await control.close()
-        log.info("nftsync daemon stopped")
-
-    def _stop(self, daemon: Any, signame: str) -> None:
-        log.info("%s received: stopping", signame)
-        daemon.stop()
-
-    def _spawn_reload(self, daemon: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload(daemon))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def reload(self, daemon: Any) -> None:
-        """SIGHUP: re-read the file (flags still win); keep the running config if it is bad."""
-        async with self._reload_lock:
-            source = self.config.config_file or "the command line (no config file)"
-            log.info("SIGHUP received: reloading the configuration from %s", source)
-            try:
-                new = load_config(self.config_path, self.overrides)
-            except NftsyncError as exc:
-                log.error("reload failed, keeping the running configuration: %s", exc)
-                return
-            if new.socket != self.config.socket:
-                log.warning("the control socket moves only on restart; still serving %s",
-                            self.config.socket)
-                new.socket = self.config.socket
-            try:
-                changed = await daemon.reload(new)
-            except NftsyncError as exc:
-                log.error("reload refused, keeping the running configuration: %s", exc)
-                return
-            if new.log_level != self.config.log_level:
-                logging.getLogger().setLevel(new.log_level.upper())
-            self.config = new
-            log.debug("configuration reloaded: %s", _changes(changed))  # the core logs it too
-
-
-def _changes(changed: Any) -> str:
-    if not changed:
-        return "nothing changed"
-    if isinstance(changed, dict):
-        return "; ".join(f"{k}: {v}" for k, v in changed.items())
-    return str(changed)

@@ -28,7 +28,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,15 @@ def error_response(message: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 class ControlServer:
-    """Serves the control protocol for `daemon` (an nftsync.daemon.core.Daemon) on `path`."""
+    """Serves the control protocol on `path`: `ops` maps each command of COMMANDS (but ping,
+    which the server answers itself) to the function that runs it (Daemon.control_ops())."""
 
-    def __init__(self, daemon: Any, path: str = DEFAULT_SOCKET) -> None:
-        self.daemon = daemon
+    def __init__(self, ops: Mapping[str, Callable[..., Any]],
+                 path: str = DEFAULT_SOCKET) -> None:
+        missing = set(COMMANDS) - {"ping"} - set(ops)
+        if missing:
+            raise ValueError(f"no operation for command(s) {', '.join(sorted(missing))}")
+        self.ops = dict(ops)
         self.path = path
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -316,7 +321,7 @@ class ControlServer:
         if cmd == "ping":
             return {"pid": os.getpid(), "version": __version__,
                     "uptime_s": round(time.monotonic() - self.started, 3)}
-        result = getattr(self.daemon, cmd)(**kwargs)
+        result = self.ops[cmd](**kwargs)
         if inspect.isawaitable(result):
             result = await result
         return result

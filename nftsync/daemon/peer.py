@@ -18,8 +18,9 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from nftsync.proto import (
     Ack,
@@ -40,9 +41,7 @@ from nftsync.proto import (
 )
 
 from .clock import now_ms
-
-if TYPE_CHECKING:
-    from .core import Daemon
+from .config import DaemonConfig
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -52,6 +51,22 @@ SNAPSHOT_CHUNK = 4000
 SEND_FRAMES_PER_TURN = 4
 MAX_UNACKED_FRAMES = 256  # window: stop sending updates until the peer acknowledges
 LAG_SAMPLES = 2048
+
+
+class Replicator(Protocol):
+    """What a peer link needs of its node: its id and settings, its replicated state (to send
+    a snapshot, to merge what the peer sends) and the back-pressure of its kernel writer.
+    daemon.replicator.Replicator is the implementation; tests may bring their own."""
+
+    node_id: int
+    config: DaemonConfig
+
+    def snapshot_records(self, chunk: int) -> Iterator[list[Record]]: ...
+
+    def apply_remote(self, records: list[Record], sender: int,
+                     in_snapshot: bool) -> tuple[int, int]: ...
+
+    async def kernel_room(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -75,9 +90,9 @@ class LinkStats:
 class PeerLink:
     """A peer known by configuration (dialled) or by an inbound connection."""
 
-    def __init__(self, daemon: Daemon, name: str, host: str | None = None,
+    def __init__(self, replicator: Replicator, name: str, host: str | None = None,
                  port: int | None = None) -> None:
-        self.daemon = daemon
+        self.replicator = replicator
         self.name = name
         self.host = host
         self.port = port
@@ -108,7 +123,7 @@ class PeerLink:
             return  # the next connection starts with a snapshot anyway
         pending = self.pending
         pending[qkey] = record
-        if len(pending) > self.daemon.config.queue_limit:
+        if len(pending) > self.replicator.config.queue_limit:
             pending.clear()
             self.stats.overflows += 1
             self.send_seq += 1  # the receiver sees a gap, as the protocol says
@@ -211,7 +226,7 @@ class PeerLink:
 
     # -- sending -----------------------------------------------------------------------------
     async def _send_loop(self, ch: Channel) -> None:
-        cfg = self.daemon.config
+        cfg = self.replicator.config
         last_tx = 0.0
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -237,7 +252,7 @@ class PeerLink:
 
     async def _send_updates(self, ch: Channel) -> None:
         # Up to SEND_FRAMES_PER_TURN frames per turn, so a backlog drains as fast as it grows.
-        limit = self.daemon.config.batch_records * SEND_FRAMES_PER_TURN
+        limit = self.replicator.config.batch_records * SEND_FRAMES_PER_TURN
         pending = self.pending
         if len(pending) <= limit:
             records = list(pending.values())
@@ -248,7 +263,7 @@ class PeerLink:
             keys = list(itertools.islice(pending, limit))
             records = [pending.pop(k) for k in keys]
         frames = []
-        per_frame = self.daemon.config.batch_records
+        per_frame = self.replicator.config.batch_records
         chunks = (c for i in range(0, len(records), per_frame)
                   for c in split_records(records[i:i + per_frame]))
         for chunk in chunks:
@@ -260,13 +275,13 @@ class PeerLink:
         self.stats.frames_sent += len(frames)
 
     async def _send_snapshot(self, ch: Channel) -> None:
-        me = self.daemon.node_id
+        me = self.replicator.node_id
         epoch = max(now_ms(), getattr(self, "_last_epoch", 0) + 1)
         self._last_epoch = epoch
         # Whatever was queued is contained in the snapshot (its items are copied right here,
         # with no await in between; later changes queue up and follow as updates).
         self.pending.clear()
-        chunks = self.daemon.snapshot_records(SNAPSHOT_CHUNK)
+        chunks = self.replicator.snapshot_records(SNAPSHOT_CHUNK)
         await ch.send(SnapshotBegin(epoch, me))
         sent = 0
         for batch in chunks:
@@ -280,7 +295,7 @@ class PeerLink:
 
     # -- receiving ---------------------------------------------------------------------------
     async def _recv_loop(self, ch: Channel) -> None:
-        cfg = self.daemon.config
+        cfg = self.replicator.config
         frames_since_ack = 0
         last_ack = time.monotonic()
         while True:
@@ -299,7 +314,7 @@ class PeerLink:
                                                 f"expected seq {self.recv_seq + 1}, got {msg.seq}"))
                 self.recv_seq = msg.seq
                 self._apply(msg.records, in_snapshot=False)
-                await self.daemon.kernel_room()
+                await self.replicator.kernel_room()
                 frames_since_ack += 1
                 if frames_since_ack >= ACK_EVERY_FRAMES or \
                         time.monotonic() - last_ack >= ACK_EVERY_S:
@@ -318,7 +333,7 @@ class PeerLink:
                     continue
                 self.snap_count += len(msg.records)
                 self._apply(msg.records, in_snapshot=True)
-                await self.daemon.kernel_room()
+                await self.replicator.kernel_room()
             elif isinstance(msg, SnapshotEnd):
                 if msg.epoch != self.snap_epoch or msg.count != self.snap_count:
                     self.snap_epoch = None
@@ -344,7 +359,7 @@ class PeerLink:
     def _apply(self, records: list[Record], in_snapshot: bool) -> None:
         assert self.node_id is not None
         self.stats.received += len(records)
-        applied, rejected = self.daemon.apply_remote(records, self.node_id, in_snapshot)
+        applied, rejected = self.replicator.apply_remote(records, self.node_id, in_snapshot)
         self.stats.applied += applied
         self.stats.rejected += rejected
 

@@ -1,0 +1,181 @@
+"""The node's peer links: dial the configured peers, accept inbound ones, keep one connection per
+peer, and fan local changes out to every link's send queue.
+
+Both sides of a pair dial each other (either may start first); when both connections complete,
+the one the lower node id initiated is kept and the other is refused as DUPLICATE_PEER
+(docs/protocol.md, "Overview"). What runs over a connection is peer.PeerLink's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nftsync.errors import NftsyncError
+from nftsync.proto import (
+    AuthError,
+    Channel,
+    ConnectionClosed,
+    Identity,
+    ProtocolError,
+    Record,
+    RefuseReason,
+    ResyncRequest,
+)
+
+from .config import DaemonConfig
+from .peer import PeerLink, Replicator, record_key
+
+log = logging.getLogger("nftsync.daemon")
+
+
+class Links:
+    """Every peer link of this node: dialled ones by configured name, and inbound ones."""
+
+    def __init__(self, config: DaemonConfig, identity: Identity, replicator: Replicator,
+                 stop: asyncio.Event) -> None:
+        self.config = config
+        self.identity = identity
+        self.replicator = replicator
+        self.stop = stop
+        self.dialled: dict[str, PeerLink] = {}
+        self.inbound: list[PeerLink] = []
+        self.auth_failures = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    def all(self) -> list[PeerLink]:
+        return [*self.dialled.values(), *self.inbound]
+
+    def enqueue(self, rec: Record) -> None:
+        """A local change, for every peer (the queues coalesce by key)."""
+        qkey = record_key(rec)
+        for link in self.all():
+            link.enqueue(qkey, rec)
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            self._server = await asyncio.start_server(self._accept, cfg.listen_host,
+                                                      cfg.listen_port)
+        except OSError as exc:
+            raise NftsyncError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+                               f"{exc.strerror}") from None
+        for peer in cfg.peers:
+            self.add_dialer(str(peer), peer.host, peer.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        dialers = []
+        for link in self.all():
+            link.close()
+            if link.dialer is not None:
+                link.dialer.cancel()
+                dialers.append(link.dialer)
+        await asyncio.gather(*dialers, return_exceptions=True)
+
+    def set_peers(self, config: DaemonConfig) -> tuple[list[str], list[str]]:
+        """A reload: dial the peers that were added, drop those that were removed."""
+        self.config = config
+        old = set(self.dialled)
+        new = {str(p): p for p in config.peers}
+        for name in old - set(new):
+            link = self.dialled.pop(name)
+            link.close()
+            if link.dialer:
+                link.dialer.cancel()
+        for name in set(new) - old:
+            self.add_dialer(name, new[name].host, new[name].port)
+        return sorted(set(new) - old), sorted(old - set(new))
+
+    async def resync(self, peer: str | None = None) -> list[str]:
+        """Ask `peer` (a name, node name or node id; every peer if None) for a new snapshot,
+        and send ours."""
+        links = [lk for lk in self.all() if peer is None or peer in
+                 (lk.name, lk.node_name, str(lk.node_id))]
+        if peer is not None and not links:
+            raise NftsyncError(f"no peer {peer!r} (peers: "
+                               f"{', '.join(lk.name for lk in self.all()) or 'none'})")
+        done = []
+        for lk in links:
+            if lk.channel is None:
+                continue
+            lk.request_snapshot("operator resync")
+            await lk.channel.send(ResyncRequest(RefuseReason.OPERATOR, "operator resync"))
+            done.append(lk.name)
+        return done
+
+    # -- dialling and accepting ----------------------------------------------------------------
+    def add_dialer(self, name: str, host: str, port: int) -> None:
+        link = PeerLink(self.replicator, name, host, port)
+        self.dialled[name] = link
+        link.dialer = asyncio.create_task(self._dial(link))
+
+    async def _dial(self, link: PeerLink) -> None:
+        delay = self.config.reconnect_min
+        while not self.stop.is_set():
+            cfg = self.config
+            if link.channel is not None:  # the peer dialled us: that connection serves
+                await self._pause(cfg.reconnect_min)
+                continue
+            link.state = "connecting"
+            try:
+                ch = await Channel.connect(link.host, link.port, self.identity, cfg.key,
+                                           timeout=max(2.0, cfg.peer_timeout))
+            except AuthError as exc:
+                link.stats.auth_failures += 1
+                self.auth_failures += 1
+                link.last_error = f"authentication failed: {exc}"
+                log.error("peer %s: %s", link.name, link.last_error)
+            except (ConnectionClosed, ProtocolError, OSError) as exc:
+                link.last_error = str(exc)
+            else:
+                if self._duplicate(ch, link):
+                    await ch.refuse(RefuseReason.DUPLICATE_PEER)
+                else:
+                    delay = cfg.reconnect_min
+                    await link.take_over(ch)  # the peer's own dial may have won meanwhile
+            link.state = "down"
+            await self._pause(delay)
+            delay = min(self.config.reconnect_max, delay * 2)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but return at once when the daemon stops."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stop.wait()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        try:
+            ch = await Channel.accept(reader, writer, self.identity, self.config.key,
+                                      timeout=max(2.0, self.config.peer_timeout))
+        except AuthError as exc:
+            self.auth_failures += 1
+            log.error("connection from %s refused: %s", peername, exc)
+            return
+        except (ConnectionClosed, ProtocolError, OSError) as exc:
+            log.warning("connection from %s failed: %s", peername, exc)
+            return
+        link = next((lk for lk in self.all() if lk.node_id == ch.peer.node_id), None)
+        if link is not None and self._duplicate(ch, link):
+            await ch.refuse(RefuseReason.DUPLICATE_PEER)
+            return
+        if link is None:
+            link = PeerLink(self.replicator, f"{ch.peer.node_name}@{peername[0]}")
+            self.inbound.append(link)
+        try:
+            # The new connection wins (the old one is half-dead, or loses the tie-break).
+            await link.take_over(ch)
+        finally:
+            if link in self.inbound and link.channel is None:
+                self.inbound.remove(link)
+
+    def _duplicate(self, ch: Channel, link: PeerLink) -> bool:
+        """Both sides dialled: keep the connection that the lower node id initiated."""
+        if link.channel is None or link.channel.closed:
+            return False
+        lower_initiated = ch.peer.we_initiated == (self.identity.node_id < ch.peer.node_id)
+        return not lower_initiated

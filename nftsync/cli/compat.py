@@ -267,7 +267,7 @@ def migrate_cmd(legacy_file: str, nft_file: str, farm_name: str | None, dry_run:
       nftsync compat migrate --dry-run compat/farms/legacy-farm.toml rulesets/farm.nft
       nftsync compat migrate compat/farms/legacy-farm.toml rulesets/farm.nft
     """
-    from nftsync.compat.migrate import migrate
+    from nftsync.migrate import migrate
 
     require_root()
     farm = legacy.load_farm(legacy_file)

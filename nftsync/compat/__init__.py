@@ -6,4 +6,6 @@
 - `clock`: jiffies <-> seconds, HZ detection.
 - `iptables`: the legacy farm rules, generated from a small TOML/JSON description and applied
   atomically with iptables-restore --noflush.
+
+Adapters only: moving a legacy farm to nftables is a use case, `nftsync.migrate`.
 """

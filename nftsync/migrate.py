@@ -1,5 +1,7 @@
 """`nftsync compat migrate`: move a running iptables-recent farm to its nftables farm.
 
+A use case beside `apply` (which it calls), over the legacy adapters in `nftsync.compat`.
+
 Order, chosen so that no client changes backend:
 1. Read every xt_recent table of the legacy farm: client -> backend mark (from the table the
    client is in) and its remaining time (persistence seconds - age of its last packet).

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import netns  # noqa: E402
 
 from nftsync.daemon.farms import ReplicatedMap  # noqa: E402
-from nftsync.daemon.sink import NftSink  # noqa: E402
+from nftsync.daemon.nftsink import NftSink  # noqa: E402
 from nftsync.model import MapRef, Role, SessionMap  # noqa: E402
 from nftsync.replication import ElementOp  # noqa: E402
 

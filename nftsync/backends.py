@@ -19,13 +19,13 @@ such clients are not balanced at all.
 
 from __future__ import annotations
 
-import re
-import subprocess
+import os
 
-from nftsync.errors import KernelError, SessionError
+from nftsync.errors import KernelError, NftsyncError, SessionError
 from nftsync.model import BackendState, Farm, Role
+from nftsync.netlink.ctnetlink import CtWriter, dump
 from nftsync.nft import Nft
-from nftsync.tables.nftmap import NftSessionMap
+from nftsync.tables.nftmap import NftSessionMap, element_commands, element_text
 
 
 def replacements(backends: dict[int, str], states: dict[int, BackendState]) -> dict[int, int]:
@@ -47,12 +47,9 @@ def states_commands(farm: Farm, states: dict[int, BackendState]) -> list[str]:
     """Commands that rewrite the farm's states map to `states` (one transaction with the rest)."""
     ref = farm.require(Role.STATES).ref
     where = f"{ref.family} {ref.table} {ref.name}"
-    cmds = [f"flush map {where}"]
-    elems = [f'{mark:#x} comment "{states[mark].value}" : {target:#x}'
+    elems = [element_text(f"{mark:#x}", f"{target:#x}", comment=states[mark].value)
              for mark, target in sorted(replacements(farm.backends, states).items())]
-    if elems:
-        cmds.append(f"add element {where} {{ {', '.join(elems)} }}")
-    return cmds
+    return [f"flush map {where}", *element_commands(where, add=elems)]
 
 
 def set_state(farm: Farm, mark: int, state: BackendState, nft: Nft | None = None) -> dict:
@@ -81,12 +78,20 @@ def set_state(farm: Farm, mark: int, state: BackendState, nft: Nft | None = None
 
 
 def flush_conntrack(mark: int) -> int:
-    """Delete the conntrack entries of a backend (by ct mark); returns how many went."""
-    proc = subprocess.run(["conntrack", "-D", "-m", str(mark)], capture_output=True, text=True)
-    # conntrack exits 1 with "0 flow entries have been deleted" when there were none.
-    found = re.search(r"(\d+) flow entries have been deleted", proc.stderr)
-    if found:
-        return int(found.group(1))
-    if proc.returncode != 0:
-        raise KernelError(f"conntrack -D -m {mark:#x}: {proc.stderr.strip()}")
-    return 0
+    """Delete the conntrack entries of a backend (ct mark exactly `mark`, IPv4 and IPv6) over
+    ctnetlink; returns how many went.
+
+    Dump + delete, as `conntrack -D -m` does: the kernel filters the dump by mark
+    (CTA_MARK/CTA_MARK_MASK), and `CtWriter` deletes the entries by tuple in batches. The
+    kernel's filtered flush (a DELETE without tuple) would be one message but says nothing of
+    how many it removed. An entry that ends between the dump and its delete is not counted."""
+    try:
+        with CtWriter() as writer:
+            result = writer.apply(("delete", ct) for ct in dump(mark=mark))
+    except (NftsyncError, OSError) as exc:
+        raise KernelError(f"deleting the connections of backend {mark:#x}: {exc}") from exc
+    if result.failed:
+        _op, ct, err = result.failed[0]
+        raise KernelError(f"deleting the connections of backend {mark:#x}: {ct}: "
+                          f"{os.strerror(err)} ({len(result.failed)} not deleted)")
+    return result.deleted

@@ -18,11 +18,11 @@ conntrack events: `saddr` (default), `saddr/24` (a source network, like the seed
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from nftsync.datatypes import KEY_TYPES, DatatypeError, parse_value
 from nftsync.errors import RulesetError, SessionError
 
 COMMENT_PREFIX = "nftsync:"
@@ -41,9 +41,6 @@ class BackendState(StrEnum):
     DOWN = "down"  # its sessions are removed so its clients re-balance
 
 
-# nft datatypes that can appear in a session key, with how a user writes them.
-KEY_TYPES = ("ipv4_addr", "ipv6_addr", "inet_service", "mark", "inet_proto", "ether_addr")
-_ETHER = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _KEY_SPEC = re.compile(r"^(saddr(/\d{1,3})?|daddr(/\d{1,3})?)(,(sport|dport|l4proto))*$")
 
 
@@ -170,6 +167,7 @@ def parse_key(text: str, key_type: tuple[str, ...]) -> tuple[str, ...]:
     """Check a user-written key against the map's key type; return its normalised components.
 
     Components are separated by '.' surrounded by spaces or by ',' (`10.0.0.1 . 80`, `10.0.0.1,80`).
+    `nftsync.datatypes.join_concat` turns the result into the kernel's bytes.
     """
     parts = [p.strip() for p in re.split(r"\s+\.\s+|,", text.strip())]
     shown = " . ".join(key_type)
@@ -179,33 +177,16 @@ def parse_key(text: str, key_type: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _normalise(part: str, dtype: str, text: str, shown: str) -> str:
-    bad = SessionError(f"key {text!r}: {part!r} is not a valid {dtype} (map key type: {shown})")
+    """One component in the form nft lists it (addresses, decimal numbers, lower-case ether),
+    validated by the one codec of key values (nftsync.datatypes)."""
+    if dtype not in KEY_TYPES:
+        raise SessionError(f"map key type {dtype} is not supported by nftsync "
+                           f"(supported: {', '.join(KEY_TYPES)})")
     try:
-        if dtype == "ipv4_addr":
-            return str(ipaddress.IPv4Address(part))
-        if dtype == "ipv6_addr":
-            return str(ipaddress.IPv6Address(part))
-        if dtype == "inet_service":
-            port = int(part, 0)
-            if not 0 <= port <= 65535:
-                raise bad
-            return str(port)
-        if dtype == "mark":
-            return str(parse_mark(part))
-        if dtype == "inet_proto":
-            names = {"tcp": "6", "udp": "17", "icmp": "1", "sctp": "132"}
-            value = int(names.get(part, part), 0)
-            if not 0 <= value <= 255:
-                raise bad
-            return str(value)
-        if dtype == "ether_addr":
-            if not _ETHER.match(part):
-                raise bad
-            return part.lower()
-    except (ValueError, SessionError):
-        raise bad from None
-    raise SessionError(f"map key type {dtype} is not supported by nftsync "
-                       f"(supported: {', '.join(KEY_TYPES)})")
+        return str(parse_value(dtype, part))
+    except DatatypeError:
+        raise SessionError(f"key {text!r}: {part!r} is not a valid {dtype} "
+                           f"(map key type: {shown})") from None
 
 
 def key_from_json(val: object) -> tuple[str, ...]:

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nftsync.datatypes import DatatypeError, datatype_names, format_value, join_concat, split_concat
 from nftsync.netlink.nftables import (
     DecodeStats,
     GenEvent,
-    NftEventError,
     NftEventSocket,
     Overrun,
     SetElemEvent,
@@ -33,12 +33,8 @@ from nftsync.netlink.nftables import (
     TableEvent,
     Transaction,
     TransactionAssembler,
-    datatype_names,
     decode_datagram,
     decode_message,
-    format_value,
-    join_concat,
-    split_concat,
 )
 
 MARK = struct.Struct("=I")  # nft marks are host byte order
@@ -418,15 +414,15 @@ def test_overrun_is_reported_not_raised(ns: str) -> None:
 
 
 def test_datatype_errors_are_one_line() -> None:
-    with pytest.raises(NftEventError, match="does not match"):
+    with pytest.raises(DatatypeError, match="does not match"):
         split_concat(b"\x0a\0\0\x01\0\x50", ["ipv4_addr"])
-    with pytest.raises(NftEventError, match="too short"):
+    with pytest.raises(DatatypeError, match="too short"):
         split_concat(b"\x0a\0\0", ["ipv4_addr"])
-    with pytest.raises(NftEventError, match="unsupported"):
+    with pytest.raises(DatatypeError, match="unsupported"):
         split_concat(b"abcd", ["ct_state"])
-    with pytest.raises(NftEventError, match="not a valid inet_service"):
+    with pytest.raises(DatatypeError, match="not a valid inet_service"):
         join_concat(("10.0.0.1", 70000), ["ipv4_addr", "inet_service"])
-    with pytest.raises(NftEventError, match="not a valid ipv4_addr"):
+    with pytest.raises(DatatypeError, match="not a valid ipv4_addr"):
         join_concat(("10.0.0.300",), ["ipv4_addr"])
 
 

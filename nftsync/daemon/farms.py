@@ -11,10 +11,20 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
+from nftsync.datatypes import (
+    ADDRESS_FAMILIES,
+    ADDRESS_TYPES,
+    DATATYPE_SIZES,
+    format_value,
+    join_concat,
+    join_raw,
+    proto_bytes,
+    service_bytes,
+    split_concat,
+)
 from nftsync.errors import RulesetError
 from nftsync.model import Farm, Role, SessionMap
 from nftsync.netlink.ctnetlink import CtEntry
-from nftsync.netlink.nftables import format_value, join_concat, split_concat
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -30,7 +40,7 @@ class KeyRecipe:
     family: int  # AF_INET / AF_INET6
     # Fast path (this runs for every conntrack NEW event): when each field has the datatype
     # that carries it natively, the key is built from the entry's bytes and ints directly
-    # (no ipaddress objects). None: build through join_concat, which validates everything.
+    # (no ipaddress objects). False: build through join_concat, which validates everything.
     direct: bool = False
 
     @classmethod
@@ -44,13 +54,13 @@ class KeyRecipe:
         if len(fields) != len(key_type):
             raise RulesetError(f"key={spec} has {len(fields)} part(s), the map key is "
                                f"{' . '.join(key_type)}")
-        family = socket.AF_INET6 if key_type[0] == "ipv6_addr" else socket.AF_INET
-        if key_type[0] not in ("ipv4_addr", "ipv6_addr"):
+        family = ADDRESS_FAMILIES.get(key_type[0])
+        if family is None:
             raise RulesetError(f"key={spec}: the map key must start with an address")
-        limit = 32 if family == socket.AF_INET else 128
+        addr_type = ADDRESS_TYPES[family]
+        limit = 8 * DATATYPE_SIZES[addr_type]
         if prefix is not None and not 0 <= prefix <= limit:
             raise RulesetError(f"key={spec}: prefix /{prefix} out of range")
-        addr_type = "ipv6_addr" if family == socket.AF_INET6 else "ipv4_addr"
         native = {"saddr": addr_type, "daddr": addr_type, "sport": "inet_service",
                   "dport": "inet_service", "l4proto": "inet_proto"}
         direct = all(native.get(f) == t for f, t in zip(fields, key_type, strict=True))
@@ -64,8 +74,8 @@ class KeyRecipe:
         return self._concat_key(ct, key_type)
 
     def _direct_key(self, ct: CtEntry) -> bytes:
-        """The kernel's key layout (nftables.join_concat) built from raw fields: addresses as
-        packed, ports big endian, protocol one byte; each padded to 4 bytes in a concatenation."""
+        """The kernel's key layout built from raw fields (the entry holds addresses packed;
+        ports and protocol are encoded, and the components joined, by nftsync.datatypes)."""
         fields = self.fields
         if len(fields) == 1 and self.prefix is None:
             f = fields[0]
@@ -80,15 +90,13 @@ class KeyRecipe:
                 if self.prefix is not None:
                     raw = _masked(raw, self.prefix)
             elif f == "sport":
-                raw = ct.orig_sport.to_bytes(2, "big")
+                raw = service_bytes(ct.orig_sport)
             elif f == "dport":
-                raw = ct.orig_dport.to_bytes(2, "big")
+                raw = service_bytes(ct.orig_dport)
             else:
-                raw = bytes((ct.l4proto,))
+                raw = proto_bytes(ct.l4proto)
             parts.append(raw)
-        if len(parts) > 1:
-            parts = [p + b"\0" * (-len(p) % 4) for p in parts]
-        return b"".join(parts)
+        return join_raw(parts)
 
     def _concat_key(self, ct: CtEntry, key_type: tuple[str, ...]) -> bytes:
         values: list[object] = []
@@ -126,7 +134,8 @@ class ReplicatedMap:
     def __post_init__(self) -> None:
         self.map_id = self.smap.map_id
         kt = tuple(self.smap.key_type)
-        self.addr_len = 4 if kt == ("ipv4_addr",) else 16 if kt == ("ipv6_addr",) else 0
+        self.addr_len = DATATYPE_SIZES[kt[0]] if len(kt) == 1 and kt[0] in ADDRESS_FAMILIES \
+            else 0
 
     def key_text(self, key: bytes) -> str:
         if self.addr_len == 4 and len(key) == 4:

@@ -1,4 +1,4 @@
-"""Legacy farms' xt_recent tables as replicated session tables.
+"""Legacy farms' xt_recent tables as replicated session tables (a `KernelTarget`).
 
 xt_recent raises no events, so its tables are polled (they are small: `ip_list_tot`, 100 entries
 by default); what changed since the last poll is replicated like any session. Entries do not
@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from nftsync.compat.iptables import Backend, LegacyFarm, load_farm
 from nftsync.compat.xtrecent import XtRecentError, XtRecentTable
+from nftsync.datatypes import ADDRESS_LENGTHS
 from nftsync.replication import ElementOp
 
-from .sink import SinkStats
+from .target import SinkStats
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -54,7 +55,7 @@ class LegacyMap:
         return self.backend.mark
 
     def key_valid(self, key: bytes) -> bool:
-        return len(key) in (4, 16)
+        return len(key) in ADDRESS_LENGTHS.values()
 
     def key_text(self, key: bytes) -> str:
         return str(ipaddress.ip_address(key))
@@ -82,6 +83,7 @@ class LegacyMap:
         return out
 
     def apply(self, ops: list[ElementOp]) -> None:
+        """Small /proc writes, done at once (no writer thread), folded into the next poll."""
         for op in ops:
             addr = self.key_text(op.key)
             try:
@@ -100,6 +102,11 @@ class LegacyMap:
             self.last = {e.addr: e.last_seen for e in self.table.list()}
         except (OSError, XtRecentError) as exc:
             self.stats.last_error = f"{self.table.name}: {exc}"
+
+    def problems(self) -> list[str]:
+        """Nothing waits for retry: a refused /proc write is counted failed (the table is
+        polled, so what it holds is read back and replicated as it is)."""
+        return []
 
 
 def load_legacy_maps(files: list[str]) -> dict[str, LegacyMap]:

@@ -27,11 +27,19 @@ transaction that is 100k messages, so the element path is one tight loop rather 
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from nftsync.errors import NftsyncError
+# Key/data values stay raw bytes in events; their codec is nftsync.datatypes. The codec's names
+# were defined here before: kept importable for older call sites (new code imports the codec).
+from nftsync.datatypes import (  # noqa: F401
+    NFPROTO_NAMES,
+    datatype_names,
+    format_value,
+    join_concat,
+    split_concat,
+)
+from nftsync.datatypes import DatatypeError as NftEventError  # noqa: F401
 from nftsync.netlink.core import (
     NETLINK_NETFILTER,
     NFNL_SUBSYS_NFTABLES,
@@ -100,8 +108,7 @@ NFT_DATA_VALUE_MAXLEN = 64  # the kernel refuses longer keys/data (16 registers 
 NFT_NAME_MAXLEN = 256
 NFT_USERDATA_MAXLEN = 256
 
-FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
-_FAMILY_NAMES = tuple(FAMILIES.get(i, str(i)) for i in range(256))
+_FAMILY_NAMES = tuple(NFPROTO_NAMES.get(i, str(i)) for i in range(256))
 
 _VERDICTS = {0: "drop", 1: "accept", 2: "stolen", 3: "queue", 4: "repeat", 5: "stop",
              -1: "continue", -2: "break", -5: "return"}
@@ -115,10 +122,6 @@ _NFGEN = struct.Struct("=BBH").unpack_from
 _NLHDR = NLMSG_HDR.unpack_from
 
 
-class NftEventError(NftsyncError):
-    """A key or data value does not match the nft datatypes it is said to have."""
-
-
 class _Malformed(Exception):
     """Internal: a message violates the netlink/nf_tables layout; it is skipped and counted."""
 
@@ -128,8 +131,8 @@ class _Malformed(Exception):
 class Element:
     """One set/map element as the kernel carries it.
 
-    `key`/`data` are the raw NFTA_DATA_VALUE bytes (see `split_concat`); `key` is b"" for the
-    catch-all element (flags & NFT_SET_ELEM_CATCHALL). `verdict` is nft's text ("accept",
+    `key`/`data` are the raw NFTA_DATA_VALUE bytes (see `nftsync.datatypes`); `key` is b"" for
+    the catch-all element (flags & NFT_SET_ELEM_CATCHALL). `verdict` is nft's text ("accept",
     "jump chain") for verdict maps. Times are milliseconds; `expiration_ms` is what was left.
     """
 
@@ -705,134 +708,3 @@ class TransactionAssembler:
                     pending = self._pending = []
         return out
 
-
-# --- nft datatypes -------------------------------------------------------------------------------
-# nft's datatype ids (src/datatype.h enum datatypes); a concatenation's id packs its components,
-# 6 bits each, first component in the highest bits.
-DATATYPE_IDS = {
-    "verdict": 1, "integer": 4, "string": 5, "ipv4_addr": 7, "ipv6_addr": 8, "ether_addr": 9,
-    "inet_proto": 12, "inet_service": 13, "mark": 19, "ifname": 41,
-}
-DATATYPE_NAMES = {v: k for k, v in DATATYPE_IDS.items()}
-_TYPE_BITS = 6
-
-# natural size in bytes of each component we convert
-DATATYPE_SIZES = {"ipv4_addr": 4, "ipv6_addr": 16, "ether_addr": 6, "inet_proto": 1,
-                  "inet_service": 2, "mark": 4}
-
-_PROTOCOLS = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 33: "dccp", 41: "ipv6", 47: "gre",
-              50: "esp", 51: "ah", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
-_PROTO_NUMBERS = {v: k for k, v in _PROTOCOLS.items()}
-
-
-def datatype_names(type_id: int) -> list[str]:
-    """Component names of an nft (possibly concatenated) datatype id, e.g. 461 ->
-    ["ipv4_addr", "inet_service"]; unknown components are given as "type<N>"."""
-    parts: list[str] = []
-    while type_id:
-        t = type_id & ((1 << _TYPE_BITS) - 1)
-        parts.append(DATATYPE_NAMES.get(t, f"type{t}"))
-        type_id >>= _TYPE_BITS
-    parts.reverse()
-    return parts
-
-
-def _size(t: str) -> int:
-    try:
-        return DATATYPE_SIZES[t]
-    except KeyError:
-        raise NftEventError(f"unsupported nft datatype {t!r}") from None
-
-
-def _from_bytes(t: str, raw: bytes) -> object:
-    if t == "ipv4_addr":
-        return ipaddress.IPv4Address(raw)
-    if t == "ipv6_addr":
-        return ipaddress.IPv6Address(raw)
-    if t == "inet_service":
-        return int.from_bytes(raw, "big")
-    if t == "mark":
-        return int.from_bytes(raw, "little" if _HOST_LITTLE else "big")
-    if t == "ether_addr":
-        return ":".join(f"{b:02x}" for b in raw)
-    return raw[0]  # inet_proto
-
-
-_HOST_LITTLE = struct.pack("=H", 1) == b"\x01\x00"
-
-
-def split_concat(value: bytes, types: list[str]) -> tuple:
-    """Split a key/data value into Python values, one per nft datatype in `types`.
-
-    Layout (verified against the kernel): components follow each other, each padded with zeros
-    to a multiple of 4 bytes; a lone component may also come unpadded (a single inet_service key
-    is 2 bytes). ipv4/ipv6 addresses and inet_service are big endian, mark is host order.
-    Returns IPv4Address/IPv6Address, int (inet_service, mark, inet_proto), str (ether_addr).
-    """
-    out = []
-    off = 0
-    n = len(value)
-    for i, t in enumerate(types):
-        size = _size(t)
-        if off + size > n:
-            raise NftEventError(f"value of {n} bytes too short for {' . '.join(types)}")
-        out.append(_from_bytes(t, value[off : off + size]))
-        off += size
-        padded = (size + 3) & ~3
-        if i < len(types) - 1 or n - (off - size) >= padded:
-            off += padded - size
-    if off != n:
-        raise NftEventError(f"value of {n} bytes does not match {' . '.join(types)}")
-    return tuple(out)
-
-
-def _to_bytes(t: str, v: object) -> bytes:
-    if t == "ipv4_addr":
-        return ipaddress.IPv4Address(v).packed  # type: ignore[arg-type]
-    if t == "ipv6_addr":
-        return ipaddress.IPv6Address(v).packed  # type: ignore[arg-type]
-    if t == "inet_service":
-        return int(v).to_bytes(2, "big")  # type: ignore[call-overload]
-    if t == "mark":
-        return struct.pack("=I", int(v))  # type: ignore[call-overload]
-    if t == "ether_addr":
-        raw = bytes.fromhex(str(v).replace(":", "").replace("-", ""))
-        if len(raw) != 6:
-            raise ValueError(v)
-        return raw
-    if isinstance(v, str) and not v.isdigit():
-        if v not in _PROTO_NUMBERS:
-            raise ValueError(v)
-        return bytes([_PROTO_NUMBERS[v]])
-    return bytes([int(v)])  # type: ignore[call-overload]
-
-
-def join_concat(values: tuple | list, types: list[str]) -> bytes:
-    """Inverse of `split_concat`: the bytes the kernel expects for these values (each component
-    padded to 4 bytes when there is more than one)."""
-    if len(values) != len(types):
-        raise NftEventError(f"{len(values)} values for {len(types)} datatypes")
-    parts = []
-    for v, t in zip(values, types, strict=True):
-        _size(t)
-        try:
-            raw = _to_bytes(t, v)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise NftEventError(f"{v!r} is not a valid {t}") from e
-        if len(types) > 1:
-            raw += b"\0" * (-len(raw) % 4)
-        parts.append(raw)
-    return b"".join(parts)
-
-
-def format_value(value: bytes, types: list[str]) -> str:
-    """nft's text form of a key or data value, e.g. "10.0.0.1 . 80" or "0x00000200"."""
-    parts = []
-    for t, v in zip(types, split_concat(value, types), strict=True):
-        if t == "mark":
-            parts.append(f"0x{v:08x}")
-        elif t == "inet_proto":
-            parts.append(_PROTOCOLS.get(v, str(v)))  # type: ignore[arg-type]
-        else:
-            parts.append(str(v))
-    return " . ".join(parts)

@@ -36,6 +36,7 @@ import errno
 import struct
 from collections.abc import Sequence
 
+from nftsync.datatypes import NFPROTO_NUMBERS, key_length
 from nftsync.netlink.core import (
     NETLINK_EXT_ACK,
     NETLINK_NETFILTER,
@@ -59,7 +60,6 @@ from nftsync.netlink.core import (
     parse_error_ext,
 )
 from nftsync.netlink.nftables import (
-    DATATYPE_SIZES,
     NFT_DATA_VALUE_MAXLEN,
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
@@ -80,8 +80,6 @@ NFT_MSG_GETSET = 10
 NFTA_SET_DESC = 9
 NFTA_SET_DESC_SIZE = 1
 _NLMSG_HDRLEN = 16
-
-FAMILY_NUMBERS = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
 
 _NLA = struct.Struct("=HH").pack
 _BE64_ATTR = struct.Struct("=HHQ").pack  # an attribute holding one u64 (value pre-swapped)
@@ -145,18 +143,6 @@ class _Layout:
                 return where, base + j
             pos += len(e)
         return None, -1
-
-
-def key_length(types: Sequence[str]) -> int | None:
-    """Length in bytes of a key of nft datatypes `types` as the kernel stores it (components
-    padded to 4 bytes when concatenated); None if a type is not one we know the size of."""
-    try:
-        sizes = [DATATYPE_SIZES[t] for t in types]
-    except KeyError:
-        return None
-    if len(sizes) == 1:
-        return sizes[0]
-    return sum((s + 3) & ~3 for s in sizes)
 
 
 def _value_attr(outer: int, value: bytes) -> bytes:
@@ -270,7 +256,7 @@ class SetElemWriter:
         """
         if not deletes and not adds:
             return
-        fam = FAMILY_NUMBERS.get(family)
+        fam = NFPROTO_NUMBERS.get(family)
         if fam is None:
             raise NetlinkError(errno.EAFNOSUPPORT, f"nft family {family!r}")
         table_attr = nla_str(NFTA_SET_ELEM_LIST_TABLE, table)
@@ -286,7 +272,7 @@ class SetElemWriter:
         """The set's maximum number of elements (`size`; 0: no limit), from one NFT_MSG_GETSET
         (a few hundred bytes, however many elements the set holds: never a dump of them).
         Raises `SetElemError` (ENOENT, where "table" or "set") when it does not exist."""
-        fam = FAMILY_NUMBERS.get(family)
+        fam = NFPROTO_NUMBERS.get(family)
         if fam is None:
             raise NetlinkError(errno.EAFNOSUPPORT, f"nft family {family!r}")
         table_attr = nla_str(NFTA_SET_TABLE, table)
@@ -400,5 +386,5 @@ def _chunk(out: list[tuple[int, list[bytes]]], msg: int, elems: list[bytes]) -> 
         out.append((msg, cur))
 
 
-__all__ = ["FAMILY_NUMBERS", "NFT_DATA_VALUE_MAXLEN", "SetElemError", "SetElemWriter", "encode_add",
+__all__ = ["NFT_DATA_VALUE_MAXLEN", "SetElemError", "SetElemWriter", "encode_add",
            "encode_adds", "encode_delete", "key_length"]

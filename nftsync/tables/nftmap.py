@@ -1,11 +1,13 @@
-"""An nftables session map as a session table, through libnftables.
+"""An nftables session map, through libnftables (the CLI's and `apply`'s adapter), and the one
+builder of nft element text.
 
-Writes are text transactions (about 2.5x faster than the JSON form for many elements, see
-kernel-facts.md); reads are JSON. A key that already exists with another value cannot be
-re-added (EEXIST), and before kernel 6.12 re-adding one with the same value does not refresh its
-expiry, so replacing an entry is always "delete + add" inside one transaction, except on kernels
-that refresh in place. Deletes of absent keys would fail the whole transaction, so callers say
-which keys exist (the daemon knows from its mirror), or try and fall back (`replace`).
+Writes are text transactions (for elements with an expiry 0.8-2.4x the JSON form's rate, noisy
+machine: docs/kernels.md); reads are JSON. A key that already exists with another value cannot
+be re-added (EEXIST), and before kernel 6.12 re-adding one with the same value does not refresh
+its expiry, so replacing an entry is always "delete + add" inside one transaction, except on
+kernels that refresh in place. Deletes of absent keys would fail the whole transaction, so
+callers say which keys exist (the daemon knows from its mirror), or try and fall back
+(`replace`).
 nft 1.0.6 prints `get element` as text even in JSON mode, so single lookups are not used.
 """
 
@@ -31,23 +33,52 @@ def kernel_refreshes_expiry() -> bool:
     return (major, minor) >= (6, 12)
 
 
-def element_text(s: Session, map_timeout: int | None = None) -> str:
-    """One element in nft syntax: `KEY [timeout Ts] [expires Es] [comment "c"] : MARK`.
+def element_text(key: str, value: str, *, map_timeout_ms: int | None = None,
+                 timeout_ms: int | None = None, expires_ms: int | None = None,
+                 comment: str | None = None) -> str:
+    """One element in nft syntax: `KEY [timeout T] [expires E] [comment "c"] : VALUE`; the one
+    builder of element text (session maps, the daemon's libnftables path, backend states).
 
-    The element inherits the map's timeout unless it has its own; an expiry longer than the timeout
-    is refused by the kernel, so such an element gets a timeout as long as its expiry.
+    The element inherits the map's timeout unless it has its own; an expiry longer than the
+    timeout is refused by the kernel, so such an element gets a timeout as long as its expiry.
     """
-    parts = [s.key_text]
-    timeout = s.timeout if s.timeout is not None else map_timeout
-    if s.expires is not None and timeout is not None and s.expires > timeout:
-        timeout = s.expires
-    if timeout is not None and timeout != map_timeout:
-        parts.append(f"timeout {timeout}s")
-    if s.expires is not None:
-        parts.append(f"expires {max(1, s.expires)}s")
-    if s.comment:
-        parts.append('comment "' + s.comment.replace('"', "'")[:120] + '"')
-    return " ".join(parts) + f" : {s.mark:#x}"
+    parts = [key]
+    timeout = timeout_ms if timeout_ms is not None else map_timeout_ms
+    if expires_ms is not None and timeout is not None and expires_ms > timeout:
+        timeout = expires_ms
+    if timeout is not None and timeout != map_timeout_ms:
+        parts.append(f"timeout {_duration(timeout)}")
+    if expires_ms is not None:
+        parts.append(f"expires {_duration(expires_ms)}")
+    if comment:
+        parts.append('comment "' + comment.replace('"', "'")[:120] + '"')
+    return " ".join(parts) + f" : {value}"
+
+
+def _duration(ms: int) -> str:
+    """nft's time syntax: whole seconds as `Ns` (as users write them), else `Nms`."""
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def session_text(s: Session, map_timeout: int | None = None) -> str:
+    """A session as an element of its map (times in seconds, as sessions carry them)."""
+    return element_text(s.key_text, f"{s.mark:#x}",
+                        map_timeout_ms=None if map_timeout is None else map_timeout * 1000,
+                        timeout_ms=None if s.timeout is None else s.timeout * 1000,
+                        expires_ms=None if s.expires is None else max(1, s.expires) * 1000,
+                        comment=s.comment)
+
+
+def element_commands(where: str, *, delete: Sequence[str] = (), add: Sequence[str] = (),
+                     chunk: int = 1000) -> list[str]:
+    """`delete element` / `add element` commands for one transaction, deletions first (a
+    replaced key frees its slot before it is added again), `chunk` elements per command."""
+    cmds = []
+    for i in range(0, len(delete), chunk):
+        cmds.append(f"delete element {where} {{ {', '.join(delete[i:i + chunk])} }}")
+    for i in range(0, len(add), chunk):
+        cmds.append(f"add element {where} {{ {', '.join(add[i:i + chunk])} }}")
+    return cmds
 
 
 class NftSessionMap:
@@ -67,15 +98,9 @@ class NftSessionMap:
     def commands(self, *, add: Sequence[Session] = (), delete: Iterable[tuple[str, ...]] = (),
                  ) -> list[str]:
         """Text commands for one transaction: deletions first, then additions."""
-        cmds = []
-        dels = [" . ".join(k) for k in delete]
-        for i in range(0, len(dels), 1000):
-            cmds.append(f"delete element {self._where} {{ {', '.join(dels[i:i + 1000])} }}")
         timeout = self.smap.timeout
-        adds = [element_text(s, timeout) for s in add]
-        for i in range(0, len(adds), 1000):
-            cmds.append(f"add element {self._where} {{ {', '.join(adds[i:i + 1000])} }}")
-        return cmds
+        return element_commands(self._where, delete=[" . ".join(k) for k in delete],
+                                add=[session_text(s, timeout) for s in add])
 
     def upsert(self, sessions: Iterable[Session], *, existing: Iterable[tuple[str, ...]] = (),
                ) -> int:

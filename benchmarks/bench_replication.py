@@ -2,7 +2,7 @@
 
 One run creates two namespaces A and B joined by a veth (10.99.0.1/30 - 10.99.0.2/30, no route
 out), loads the same bench farm into both, and for each system (nftsync daemons, conntrackd
-FTFW/UDP with the anchor configuration of kernel-facts.md) measures:
+FTFW/UDP, DisableExternalCache On: the reference configuration in `CONNTRACKD_CONF`) measures:
 
 1. throughput: N DNATed TCP ESTABLISHED entries with the farm's marks and distinct sources are
    loaded on A with `conntrack -R`; time from the start of the load until B holds all N conntrack

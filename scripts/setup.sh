@@ -3,7 +3,9 @@
 #   - Debian packages: nftables, python3-nftables (libnftables' Python binding), conntrack,
 #     iptables, iproute2, keepalived, conntrackd (benchmark comparisons), util-linux (unshare).
 #   - a venv on /usr/bin/python3 with --system-site-packages (python3-nftables is not on PyPI),
-#     with nftsync installed editable with its test extras.
+#     with nftsync installed editable with its test and bench extras (pytest, hypothesis, ruff;
+#     pyroute2, which only benchmarks/bench_ctnetlink.py uses, for comparison; py-spy for
+#     bench_replication.py --profile).
 # With --vm, also what the legacy xt_recent VM tests need (qemu, Debian's 6.1 kernel; see compat/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,8 +38,8 @@ if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import nftables' 2>/dev
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 if ! .venv/bin/python -c 'import nftsync, pytest, hypothesis, pyroute2, click' 2>/dev/null ||
-   [[ pyproject.toml -nt .venv/.installed ]]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+   [[ ! -x .venv/bin/ruff || ! -x .venv/bin/py-spy || pyproject.toml -nt .venv/.installed ]]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
     touch .venv/.installed
 fi
 

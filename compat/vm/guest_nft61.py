@@ -112,7 +112,7 @@ def inner() -> None:
 
     @check("nft61_plain_add_does_not_refresh")
     def _() -> str:
-        # The kernel fact the delete+add path exists for (it is what kernel-facts.md says).
+        # The kernel fact the delete+add path exists for (docs/kernels.md, "Refresh in place").
         reset(10)
         before = listed()[KEY]["expires"]
         nft("add", "element", "ip", TABLE, MAP, f"{{ {KEY} expires 50s : {MARK:#x} }}")

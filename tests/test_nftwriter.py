@@ -9,7 +9,7 @@ import struct
 import netns
 import pytest
 
-from nftsync.daemon.sink import attach_echo_filter
+from nftsync.daemon.echo import attach_echo_filter
 from nftsync.netlink.core import NetlinkError
 from nftsync.netlink.nftables import NftEventSocket, SetElemEvent
 from nftsync.netlink.nftwriter import SetElemWriter, encode_add, encode_adds, key_length
@@ -193,7 +193,7 @@ def test_sink_netlink_path_and_fallback(nsw) -> None:
     key it thinks absent exists with another value) the batch fails as a whole and is retried
     element by element, so every change lands."""
     from nftsync.daemon.farms import ReplicatedMap
-    from nftsync.daemon.sink import NftSink
+    from nftsync.daemon.nftsink import NftSink
     from nftsync.model import MapRef, Role, SessionMap
     from nftsync.replication import ElementOp
 

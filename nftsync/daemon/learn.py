@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 
+from nftsync.datatypes import join_concat
 from nftsync.errors import NftsyncError
 from nftsync.netlink.ctnetlink import CtEntry, CtEvent, CtEventSocket, dump
 from nftsync.netlink.nftables import (
@@ -31,17 +32,16 @@ from nftsync.netlink.nftables import (
     TableEvent,
     Transaction,
     TransactionAssembler,
-    join_concat,
 )
 from nftsync.replication import FOUND_CT_MS
 from nftsync.tables.nftmap import NftSessionMap
 
 from .clock import now_ms
+from .echo import attach_echo_filter, detach_echo_filter
 from .farms import ReplicatedMap
 from .links import Links
 from .peer import record_key
 from .replicator import Replicator
-from .sink import attach_echo_filter, detach_echo_filter
 
 log = logging.getLogger("nftsync.daemon")
 

@@ -17,14 +17,17 @@ from collections.abc import Iterator
 from nftsync.errors import NftsyncError
 from nftsync.nft import Nft
 from nftsync.proto import MAX_REMAINING_MS, Record
-from nftsync.replication import ElementOp, MapPolicy, Replica
+from nftsync.replication import MapPolicy, Replica
 from nftsync.ruleset import current_farms
 
 from .clock import now_ms
 from .config import DaemonConfig
-from .farms import FarmView, ReplicatedMap
+from .ctsink import CtSink
+from .farms import FarmView
 from .legacy import LegacyMap, load_legacy_maps
-from .sink import CtSink, KernelWriter, NftSink
+from .nftsink import NftSink
+from .target import SessionTarget
+from .writer import KernelWriter
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -102,15 +105,11 @@ class Replicator:
         legacy_marks = {lm.mark for lm in self.legacy.values()}
         self.replica.set_maps(policies, self.view.marks | legacy_marks)
 
-    def target(self, map_id: str) -> ReplicatedMap | LegacyMap | None:
-        """Where records of `map_id` go: an nft session map, or a legacy xt_recent table."""
-        return self.view.maps.get(map_id) or self.legacy.get(map_id)
-
-    def write(self, target: ReplicatedMap | LegacyMap, ops: list[ElementOp]) -> None:
-        if isinstance(target, LegacyMap):
-            target.apply(ops)  # small /proc writes: done here, folded into the next poll
-        else:
-            self.nft_sink.apply(target, ops)
+    def target(self, map_id: str) -> SessionTarget | None:
+        """Where records of `map_id` go: an nft session map or a legacy xt_recent table (one
+        kernel target interface, daemon/target.py)."""
+        rmap = self.view.maps.get(map_id)
+        return self.nft_sink.target(rmap) if rmap is not None else self.legacy.get(map_id)
 
     # -- what a peer link calls ----------------------------------------------------------------
     def snapshot_records(self, chunk: int = 4000) -> Iterator[list[Record]]:
@@ -127,7 +126,7 @@ class Replicator:
         for map_id, ops in w.sessions.items():
             target = self.target(map_id)
             if target is not None:
-                self.write(target, ops)
+                target.apply(ops)
         if w.conntrack and self.ct_sink is not None:
             self.ct_sink.apply(w.conntrack)
         return len(w), w.refused

@@ -30,16 +30,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-# Key/data values stay raw bytes in events; their codec is nftsync.datatypes. The codec's names
-# were defined here before: kept importable for older call sites (new code imports the codec).
-from nftsync.datatypes import (  # noqa: F401
-    NFPROTO_NAMES,
-    datatype_names,
-    format_value,
-    join_concat,
-    split_concat,
-)
-from nftsync.datatypes import DatatypeError as NftEventError  # noqa: F401
+# Key/data values stay raw bytes in events; their codec is nftsync.datatypes.
+from nftsync.datatypes import NFPROTO_NAMES
 from nftsync.netlink.core import (
     NETLINK_NETFILTER,
     NFNL_SUBSYS_NFTABLES,

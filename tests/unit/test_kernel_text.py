@@ -146,11 +146,3 @@ def test_nft_map_is_a_kernel_target() -> None:
     assert sink.writes == [(rmap, [op])]
     assert target.stats is sink.stats
     assert target.problems() == ["map ip t m is full: 1 session(s) waiting"]
-
-
-def test_sink_keeps_its_old_names() -> None:
-    from nftsync.daemon import sink
-
-    for name in ("NftSink", "CtSink", "KernelWriter", "SinkStats", "attach_echo_filter",
-                 "detach_echo_filter"):
-        assert hasattr(sink, name)

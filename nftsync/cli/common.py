@@ -27,7 +27,7 @@ class LazyGroup(click.Group):
 
     Why: `nftsync ctl promote` is called from keepalived's notify script during a failover, and
     keepalived kills notify scripts that outlive its shutdown; importing every subcommand (and
-    libnftables, pyroute2, asyncio...) for it cost ~0.2 s of a ~0.4 s run.
+    libnftables, asyncio, the netlink codecs...) for it cost ~0.2 s of a ~0.4 s run.
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:

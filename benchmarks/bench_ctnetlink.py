@@ -25,13 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import netns  # noqa: E402
 
-from nftsync.netlink.ctnetlink import (  # noqa: E402
-    CtEntry,
-    CtEventSocket,
-    CtStats,
-    CtWriter,
-    parse_messages,
-)
+from nftsync.conntrack import CtEntry  # noqa: E402
+from nftsync.netlink.ctnetlink import CtStats, parse_messages  # noqa: E402
+from nftsync.netlink.ctsocket import CtEventSocket, CtWriter  # noqa: E402
 
 
 def client(i: int) -> str:

@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import netns  # noqa: E402
 
-from nftsync.netlink.ctnetlink import EV_NEW, CtEntry, CtEventSocket, CtWriter  # noqa: E402
+from nftsync.conntrack import CtEntry  # noqa: E402
+from nftsync.netlink.ctnetlink import EV_NEW  # noqa: E402
+from nftsync.netlink.ctsocket import CtEventSocket, CtWriter  # noqa: E402
 
 ADDR = {"a": "10.99.0.1", "b": "10.99.0.2"}
 VIP, MARKS, BACKENDS = "10.10.0.100", (0x200, 0x201), ("10.20.0.11", "10.20.0.12")

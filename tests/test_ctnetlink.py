@@ -20,28 +20,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nftsync.netlink.core import NetlinkError, nfgenmsg, nlmsg
-from nftsync.netlink.ctnetlink import (
-    CT_DELETE,
-    CT_NEW,
+from nftsync.conntrack import (
     IPPROTO_UDP,
     IPS_ASSURED,
     IPS_DST_NAT,
     IPS_SEEN_REPLY,
     IPS_SRC_NAT,
+    CtEntry,
+)
+from nftsync.netlink.core import NetlinkError, nfgenmsg, nlmsg
+from nftsync.netlink.ctnetlink import (
+    CT_DELETE,
+    CT_NEW,
     NLM_F_CREATE,
     NLM_F_EXCL,
-    WIRE_SIZE,
-    CtEntry,
     CtEvent,
-    CtEventSocket,
-    CtFormatError,
     CtStats,
-    CtWriter,
     build_create,
-    dump,
     parse_messages,
 )
+from nftsync.netlink.ctsocket import CtEventSocket, CtWriter, dump
+from nftsync.proto.conntrack import CT_ENTRY_SIZE, CtFormatError, decode_ct, encode_ct
 
 _FIELD = re.compile(r"(\w+)=(\S+)")
 
@@ -326,33 +325,33 @@ def test_enobufs_overrun_is_reported(ns: str) -> None:
 def test_wire_round_trip() -> None:
     for e in make_entries(20) + make_entries(20, v6=True):
         e.ct_id = 1234
-        raw = e.to_bytes()
-        assert len(raw) == WIRE_SIZE
-        back = CtEntry.from_bytes(raw)
+        raw = encode_ct(e)
+        assert len(raw) == CT_ENTRY_SIZE
+        back = decode_ct(raw)
         assert back == e and back.ct_id is None
     udp = CtEntry.make("10.0.0.1", 5, "10.0.0.2", 53, "10.0.0.3", 53, l4proto=IPPROTO_UDP)
-    assert CtEntry.from_bytes(udp.to_bytes()) == udp and udp.tcp_state is None
+    assert decode_ct(encode_ct(udp)) == udp and udp.tcp_state is None
 
 
 def test_wire_rejects_bad_input() -> None:
-    raw = bytearray(make_entries(1)[0].to_bytes())
+    raw = bytearray(encode_ct(make_entries(1)[0]))
     with pytest.raises(CtFormatError):
-        CtEntry.from_bytes(raw[:-1])
+        decode_ct(raw[:-1])
     with pytest.raises(CtFormatError):
-        CtEntry.from_bytes(raw + b"\0")
+        decode_ct(raw + b"\0")
     for pos, val in ((0, 2), (1, 7), (2, 99), (3, 42), (24, 1)):
         bad = bytearray(raw)
         bad[pos] = val
         with pytest.raises(CtFormatError):
-            CtEntry.from_bytes(bad)
+            decode_ct(bad)
     assert issubclass(CtFormatError, ValueError)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=WIRE_SIZE + 8))
-def test_from_bytes_fuzz(data: bytes) -> None:
+@given(st.binary(max_size=CT_ENTRY_SIZE + 8))
+def test_decode_ct_fuzz(data: bytes) -> None:
     with contextlib.suppress(CtFormatError):
-        CtEntry.from_bytes(data)
+        decode_ct(data)
 
 
 def _seed_messages() -> list[bytes]:
@@ -408,7 +407,7 @@ def test_random_bytes_into_decoder() -> None:
 
 def test_zones_are_distinct_entries(ns: str) -> None:
     base = make_entries(5)
-    zoned = [CtEntry.from_bytes(e.to_bytes()) for e in base]
+    zoned = [decode_ct(encode_ct(e)) for e in base]
     for e in zoned:
         e.zone = 7
         e.mark = 0x700
@@ -459,7 +458,7 @@ def test_icmp_entries_are_decoded(ns: str) -> None:
         assert ct.orig_sport == 0x4242  # echo id
         assert ct.reply_dport == 0  # echo reply
         assert not ct.is_dnat and ct.tcp_state is None
-        assert CtEntry.from_bytes(ct.to_bytes()).key == ct.key
+        assert decode_ct(encode_ct(ct)).key == ct.key
     finally:
         events.close()
         raw.close()
@@ -527,8 +526,9 @@ def test_replicate_between_namespaces(ns: str) -> None:
     try:
         with netns.entered(ns), CtWriter() as w:
             assert w.apply([("upsert", e) for e in entries]).created == len(entries)
-            wire = b"".join(e.to_bytes() for e in dump())
-        received = [CtEntry.unpack_from(wire, off) for off in range(0, len(wire), WIRE_SIZE)]
+            wire = b"".join(encode_ct(e) for e in dump())
+        received = [decode_ct(wire[off:off + CT_ENTRY_SIZE])
+                    for off in range(0, len(wire), CT_ENTRY_SIZE)]
         with netns.entered(peer), CtWriter() as w:
             res = w.apply([("upsert", e) for e in received])
             assert (res.created, res.failed) == (len(entries), [])

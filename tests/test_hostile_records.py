@@ -32,7 +32,7 @@ from daemons import SYNC4, DaemonProc, wait_for
 from helpers import RULESETS, map_elements, nftsync
 from test_daemon import pair  # noqa: F401 - the fixture, with this module's farm_file
 
-from nftsync.netlink.ctnetlink import CtEntry
+from nftsync.conntrack import CtEntry
 from nftsync.proto import (
     OP_ADD,
     OP_UPSERT,
@@ -47,6 +47,7 @@ from nftsync.proto import (
     SnapshotBegin,
     SnapshotEnd,
     Updates,
+    encode_ct,
     load_key,
 )
 
@@ -202,7 +203,7 @@ def ct_record(client: str, port: int, mark: int) -> ConntrackRecord:
     """An established, DNATed connection client:port -> VIP:80 -> a backend, with `mark`."""
     backend = BACKENDS.get(mark, BACKENDS[0x200])
     entry = CtEntry.make(client, port, VIP, 80, backend, 80, mark=mark, timeout=600)
-    return ConntrackRecord(OP_UPSERT, FAKE_NODE_ID, now_ms(), entry.to_bytes())
+    return ConntrackRecord(OP_UPSERT, FAKE_NODE_ID, now_ms(), encode_ct(entry))
 
 
 def kernel_sessions(lab, node: str) -> dict[str, dict]:

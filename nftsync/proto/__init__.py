@@ -1,6 +1,7 @@
 """nftsync peer protocol: authenticated, versioned, length-prefixed frames over TCP.
 
-`frames` holds the wire format and message/record codecs (pure bytes, fuzzable), `auth` the
+`frames` holds the wire format and message/record codecs (pure bytes, fuzzable), `conntrack`
+the layout of a replicated conntrack entry (the body of a ConntrackRecord), `auth` the
 pre-shared key file rules and handshake cryptography, `channel` the asyncio connection that the
 replication daemon uses. docs/protocol.md is the byte-by-byte specification.
 """
@@ -9,6 +10,13 @@ from __future__ import annotations
 
 from nftsync.proto.auth import AuthError, KeyFileError, load_key
 from nftsync.proto.channel import Channel, Identity, PeerInfo, PeerRefused
+from nftsync.proto.conntrack import (
+    CT_ENTRY_SIZE,
+    CtFormatError,
+    ct_record_key,
+    decode_ct,
+    encode_ct,
+)
 from nftsync.proto.frames import (
     CAP_CONNTRACK,
     CAP_DEFAULT,
@@ -43,10 +51,11 @@ from nftsync.proto.frames import (
 )
 
 __all__ = [
-    "CAP_CONNTRACK", "CAP_DEFAULT", "CAP_SESSIONS", "FLAG_IGNORABLE", "MAX_PAYLOAD",
-    "MAX_REMAINING_MS", "OP_ADD", "OP_DELETE", "OP_UPSERT", "PROTOCOL_VERSION", "Ack", "Auth",
-    "AuthError", "AuthOk", "Channel", "ConnectionClosed", "ConntrackRecord", "Heartbeat", "Hello",
-    "Identity", "KeyFileError", "Message", "MsgType", "PeerInfo", "PeerRefused", "ProtocolError",
-    "Record", "Refuse", "RefuseReason", "ResyncRequest", "SessionRecord", "SnapshotBegin",
-    "SnapshotChunk", "SnapshotEnd", "Updates", "load_key", "split_records",
+    "CAP_CONNTRACK", "CAP_DEFAULT", "CAP_SESSIONS", "CT_ENTRY_SIZE", "FLAG_IGNORABLE",
+    "MAX_PAYLOAD", "MAX_REMAINING_MS", "OP_ADD", "OP_DELETE", "OP_UPSERT", "PROTOCOL_VERSION",
+    "Ack", "Auth", "AuthError", "AuthOk", "Channel", "ConnectionClosed", "ConntrackRecord",
+    "CtFormatError", "Heartbeat", "Hello", "Identity", "KeyFileError", "Message", "MsgType",
+    "PeerInfo", "PeerRefused", "ProtocolError", "Record", "Refuse", "RefuseReason",
+    "ResyncRequest", "SessionRecord", "SnapshotBegin", "SnapshotChunk", "SnapshotEnd", "Updates",
+    "ct_record_key", "decode_ct", "encode_ct", "load_key", "split_records",
 ]

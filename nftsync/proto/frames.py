@@ -191,7 +191,8 @@ class SessionRecord:
 
 @dataclass(slots=True)
 class ConntrackRecord:
-    """One conntrack entry as replicated; `entry` is `CtEntry.to_bytes()`, opaque here."""
+    """One conntrack entry as replicated; `entry` is its body, `encode_ct(ct)`, opaque here
+    (the layout is `nftsync.proto.conntrack`'s: frames only carry and bound it)."""
 
     op: int
     origin: int

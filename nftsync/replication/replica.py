@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from nftsync.netlink.ctnetlink import CtEntry, CtFormatError
+from nftsync.conntrack import CtEntry
 from nftsync.proto import (
     MAX_REMAINING_MS,
     OP_ADD,
@@ -47,6 +47,7 @@ from nftsync.proto import (
     Record,
     SessionRecord,
 )
+from nftsync.proto.conntrack import CtFormatError, decode_ct, encode_ct
 
 from .table import U64_MAX, UNVERIFIED, Entry, Table
 
@@ -187,7 +188,7 @@ class Replica:
         table = self.conntrack
         key = ct.key
         e = table.put(key, Entry(ct, expires_at, self._stamp(table, key, wall), self.node_id))
-        return ConntrackRecord(OP_UPSERT, self.node_id, e.updated_ms, ct.to_bytes())
+        return ConntrackRecord(OP_UPSERT, self.node_id, e.updated_ms, encode_ct(ct))
 
     def local_ct_destroy(self, ct: CtEntry, now: float, wall: int) -> ConntrackRecord | None:
         """The kernel destroyed a conntrack entry. Only its author's view counts as a live
@@ -204,7 +205,7 @@ class Replica:
         remaining = 0.0 if cur.expires_at is None else cur.expires_at - now
         keep = min(TOMBSTONE_MAX_S, max(TOMBSTONE_MIN_S, remaining))
         t = table.bury(key, cur.value, self._stamp(table, key, wall), self.node_id, now, keep)
-        return ConntrackRecord(OP_DELETE, self.node_id, t.updated_ms, cur.value.to_bytes())
+        return ConntrackRecord(OP_DELETE, self.node_id, t.updated_ms, encode_ct(cur.value))
 
     def found_ct(self, ct: CtEntry, expires_at: float) -> bool:
         table = self.conntrack
@@ -271,7 +272,7 @@ class Replica:
 
     def _receive_ct(self, r: ConntrackRecord, now: float, out: Writes) -> str:
         try:
-            ct = CtEntry.from_bytes(r.entry)
+            ct = decode_ct(r.entry)
         except CtFormatError:
             return "bad_record"
         if ct.mark not in self.ct_marks:
@@ -328,7 +329,7 @@ class Replica:
             if alive and e.expires_at is not None:
                 ct.timeout = max(1, int(e.expires_at - now))
             out.append(ConntrackRecord(OP_UPSERT if alive else OP_DELETE, e.origin,
-                                       e.updated_ms, ct.to_bytes()))
+                                       e.updated_ms, encode_ct(ct)))
             if len(out) >= chunk:
                 yield out
                 out = []

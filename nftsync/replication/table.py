@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from nftsync.conntrack import CtEntry
+from nftsync.proto.conntrack import encode_ct
+
 UNVERIFIED = 0  # origin of what a node found in its own kernel at start-up: no known author
 U64_MAX = 2**64 - 1
 
@@ -59,7 +62,9 @@ def rank(value: object) -> tuple:
         return (0,)
     if isinstance(value, int):
         return (1, value)
-    return (1, value.to_bytes())  # type: ignore[attr-defined]
+    if isinstance(value, CtEntry):
+        return (1, encode_ct(value))
+    raise TypeError(f"no conflict order for a {type(value).__name__}")
 
 
 class Table:

@@ -20,8 +20,8 @@ import socket
 from collections import deque
 from dataclasses import dataclass, field
 
-from nftsync.netlink.ctnetlink import CtEntry
-from nftsync.proto import MAX_REMAINING_MS, Record, SessionRecord
+from nftsync.conntrack import CtEntry
+from nftsync.proto import MAX_REMAINING_MS, Record, SessionRecord, decode_ct
 from nftsync.replication import MapPolicy, Replica, newer
 
 MAP = "web/sessions"
@@ -118,7 +118,7 @@ class Cluster:
                 key: object = rec.key
                 value: object = rec.mark
             else:
-                entry = CtEntry.from_bytes(rec.entry)
+                entry = decode_ct(rec.entry)
                 key, value = entry.key, entry
             self.claim(key, rec.updated_ms, rec.origin, value if rec.op == 1 else None)
         for dst in self.nodes:

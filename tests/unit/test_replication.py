@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from nftsync.netlink.ctnetlink import CtEntry
+from nftsync.conntrack import CtEntry
 from nftsync.proto import (
     MAX_REMAINING_MS,
     OP_ADD,
@@ -12,6 +12,7 @@ from nftsync.proto import (
     OP_UPSERT,
     ConntrackRecord,
     SessionRecord,
+    encode_ct,
 )
 from nftsync.replication import (
     FOUND_CT_MS,
@@ -134,7 +135,7 @@ def test_peer_records_are_checked() -> None:
                          "origin_full": 1}
     assert [(op.key, op.remaining_ms) for op in w.sessions[MAP]] == [(A, T_MS), (B, 60_000)]
     assert r.capped == 1
-    w = r.receive([ConntrackRecord(OP_UPSERT, 1, WALL, ct(A, mark=0x300).to_bytes()),
+    w = r.receive([ConntrackRecord(OP_UPSERT, 1, WALL, encode_ct(ct(A, mark=0x300))),
                    ConntrackRecord(OP_UPSERT, 1, WALL, b"\x01garbage")], 1, False, 0, WALL)
     assert len(w) == 0 and r.refused["foreign_mark"] == 1 and r.refused["bad_record"] == 1
 
@@ -162,7 +163,7 @@ def test_local_records_fit_the_wire() -> None:
 def test_a_conntrack_copy_that_times_out_here_deletes_nothing_elsewhere() -> None:
     backup = replica(2)
     entry = ct(A)
-    backup.receive([ConntrackRecord(OP_UPSERT, 1, WALL, entry.to_bytes())], 1, False, 0, WALL)
+    backup.receive([ConntrackRecord(OP_UPSERT, 1, WALL, encode_ct(entry))], 1, False, 0, WALL)
     assert backup.local_ct_destroy(entry, 300, WALL + 300_000) is None
     assert len(backup.conntrack) == 0 and not backup.conntrack.is_dead(entry.key)
     # The node that served it does send the deletion.

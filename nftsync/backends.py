@@ -23,7 +23,7 @@ import os
 
 from nftsync.errors import KernelError, NftsyncError, SessionError
 from nftsync.model import BackendState, Farm, Role
-from nftsync.netlink.ctnetlink import CtWriter, dump
+from nftsync.netlink.ctsocket import CtWriter, dump
 from nftsync.nft import Nft
 from nftsync.tables.nftmap import NftSessionMap, element_commands, element_text
 

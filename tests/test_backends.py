@@ -6,7 +6,8 @@ from __future__ import annotations
 import netns
 
 from nftsync.backends import flush_conntrack
-from nftsync.netlink.ctnetlink import CtEntry, CtWriter, dump
+from nftsync.conntrack import CtEntry
+from nftsync.netlink.ctsocket import CtWriter, dump
 
 
 def _entries() -> list[CtEntry]:

@@ -23,12 +23,12 @@ import pytest
 from daemons import SYNC4, DaemonProc, make_key, wait_for
 from helpers import RULESETS, map_elements, nftsync, reset_node
 
+from nftsync.conntrack import CtEntry
 from nftsync.daemon.ctsink import CtSink
 from nftsync.daemon.farms import ReplicatedMap
 from nftsync.daemon.nftsink import NftSink
 from nftsync.daemon.writer import KernelWriter
 from nftsync.model import MapRef, Role, SessionMap
-from nftsync.netlink.ctnetlink import CtEntry
 from nftsync.replication import ElementOp
 
 RULESET = """table ip t {

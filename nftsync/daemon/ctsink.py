@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from nftsync.conntrack import CtEntry
 from nftsync.errors import NftsyncError
-from nftsync.netlink.ctnetlink import CtEntry, CtWriter
+from nftsync.netlink.ctsocket import CtWriter
 
 from .target import SinkStats
 from .writer import KernelWriter

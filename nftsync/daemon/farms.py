@@ -11,6 +11,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
+from nftsync.conntrack import CtEntry
 from nftsync.datatypes import (
     ADDRESS_FAMILIES,
     ADDRESS_TYPES,
@@ -24,7 +25,6 @@ from nftsync.datatypes import (
 )
 from nftsync.errors import RulesetError
 from nftsync.model import Farm, Role, SessionMap
-from nftsync.netlink.ctnetlink import CtEntry
 
 log = logging.getLogger("nftsync.daemon")
 

@@ -21,9 +21,11 @@ import socket
 import sys
 import time
 
+from nftsync.conntrack import CtEntry
 from nftsync.datatypes import join_concat
 from nftsync.errors import NftsyncError
-from nftsync.netlink.ctnetlink import CtEntry, CtEvent, CtEventSocket, dump
+from nftsync.netlink.ctnetlink import CtEvent
+from nftsync.netlink.ctsocket import CtEventSocket, dump
 from nftsync.netlink.nftables import (
     NftEventSocket,
     Overrun,

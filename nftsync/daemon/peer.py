@@ -39,6 +39,7 @@ from nftsync.proto import (
     Updates,
     split_records,
 )
+from nftsync.proto.conntrack import ct_record_key
 
 from .clock import now_ms
 from .config import DaemonConfig
@@ -371,10 +372,8 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def record_key(r: Record) -> object:
-    """Coalescing key of a record in a send queue."""
+    """Coalescing key of a record in a send queue: one per session, one per connection."""
     if isinstance(r, SessionRecord):
         return (r.map_id, r.key)
     assert isinstance(r, ConntrackRecord)
-    # CtEntry wire form: family+proto at 1..3, zone at 16..18, original tuple at 20..56.
-    e = r.entry
-    return ("ct", e[1:3] + e[16:18] + e[20:56])
+    return ("ct", ct_record_key(r.entry))

@@ -13,8 +13,7 @@ apart from sockets: this module only translates between ctnetlink messages and `
 * builds the create/update/delete/dump messages (`ctsocket.CtWriter` sends many per `sendmsg`).
 
 The peer-protocol form of an entry is not here: it belongs to `nftsync.proto.conntrack`, so a
-change to a kernel decoder cannot change the protocol. The old names (`CtEntry`, the socket
-classes, `dump`, `CtFormatError`, `WIRE_SIZE`) are still importable from this module.
+change to a kernel decoder cannot change the protocol.
 
 Kernel behaviour relied upon (net/netfilter/nf_conntrack_netlink.c, verified on 6.18):
 * Events: DESTROY → IPCTNL_MSG_CT_DELETE; NEW (and RELATED) → IPCTNL_MSG_CT_NEW with
@@ -36,7 +35,6 @@ Kernel behaviour relied upon (net/netfilter/nf_conntrack_netlink.c, verified on 
 from __future__ import annotations
 
 import enum
-import importlib
 import struct
 from dataclasses import dataclass
 
@@ -552,32 +550,13 @@ def build_delete(ct: CtEntry) -> bytes:
 
 # Names that moved to `ctsocket` (sockets) or to the peer protocol, still importable from here:
 # name -> (module, name there). Resolved on first use, because `ctsocket` imports this module.
-_MOVED = {
-    "ApplyResult": ("nftsync.netlink.ctsocket", "ApplyResult"),
-    "CtEvents": ("nftsync.netlink.ctsocket", "CtEvents"),
-    "CtEventSocket": ("nftsync.netlink.ctsocket", "CtEventSocket"),
-    "CtWriter": ("nftsync.netlink.ctsocket", "CtWriter"),
-    "dump": ("nftsync.netlink.ctsocket", "dump"),
-    "CtFormatError": ("nftsync.proto.conntrack", "CtFormatError"),
-    "WIRE_SIZE": ("nftsync.proto.conntrack", "CT_ENTRY_SIZE"),
-}
-
-
-def __getattr__(name: str) -> object:
-    """Old import paths (`from nftsync.netlink.ctnetlink import CtWriter`) keep working."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _MOVED[name]
-    return getattr(importlib.import_module(module), attr)
-
-
 __all__ = [
     "AF_INET", "AF_INET6", "ALL_EVENTS", "EV_DESTROY", "EV_NEW", "EV_UPDATE", "IPPROTO_ICMP",
     "IPPROTO_ICMPV6", "IPPROTO_TCP", "IPPROTO_UDP", "IPS_ASSURED", "IPS_CONFIRMED",
     "IPS_DST_NAT", "IPS_DST_NAT_DONE", "IPS_DYING", "IPS_EXPECTED", "IPS_FIXED_TIMEOUT",
     "IPS_HELPER", "IPS_HW_OFFLOAD", "IPS_NAT_MASK", "IPS_OFFLOAD", "IPS_SEEN_REPLY",
     "IPS_SEQ_ADJUST", "IPS_SRC_NAT", "IPS_SRC_NAT_DONE", "IPS_TEMPLATE", "MAX_TIMEOUT",
-    "TCP_CONNTRACK_ESTABLISHED", "TCP_CONNTRACK_MAX", "TCP_CONNTRACK_STATES", "CtEntry",
+    "TCP_CONNTRACK_ESTABLISHED", "TCP_CONNTRACK_MAX", "TCP_CONNTRACK_STATES",
     "CtEvent", "CtStats", "NetlinkOverrun", "build_create", "build_delete", "build_dump",
     "build_update", "decode_entry", "parse_messages",
 ]

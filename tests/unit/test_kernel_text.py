@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from nftsync.conntrack import CtEntry
 from nftsync.daemon.farms import KeyRecipe, ReplicatedMap
 from nftsync.daemon.nftsink import NftMapTarget, NftSink
 from nftsync.daemon.target import KernelTarget, SinkStats
@@ -23,7 +24,6 @@ from nftsync.datatypes import (
 )
 from nftsync.errors import SessionError
 from nftsync.model import MapRef, Role, Session, SessionMap, parse_key
-from nftsync.netlink.ctnetlink import CtEntry
 from nftsync.replication import ElementOp
 from nftsync.tables.nftmap import element_commands, element_text, session_text
 

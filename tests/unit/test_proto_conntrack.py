@@ -111,17 +111,3 @@ def test_hostile_bytes_raise_ct_format_error() -> None:
     udp_with_state[3] = 3
     with pytest.raises(CtFormatError):
         decode_ct(udp_with_state)
-
-
-def test_old_import_paths_still_work() -> None:
-    import nftsync.netlink.ctnetlink as ctnetlink
-    from nftsync.netlink import ctsocket
-    from nftsync.proto import conntrack as proto_ct
-
-    assert ctnetlink.CtEntry is CtEntry
-    assert ctnetlink.CtFormatError is proto_ct.CtFormatError
-    assert ctnetlink.WIRE_SIZE == CT_ENTRY_SIZE
-    for name in ("CtEventSocket", "CtEvents", "CtWriter", "ApplyResult", "dump"):
-        assert getattr(ctnetlink, name) is getattr(ctsocket, name)
-    with pytest.raises(AttributeError):
-        _ = ctnetlink.no_such_name

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "kernel"))
 
 import netns  # noqa: E402
 from daemons import SYNC4, DaemonProc, make_key, wait_for  # noqa: E402

@@ -1,7 +1,7 @@
 """Runs inside the qemu VM (stage 4, `compat/vm/run.sh -N`): Debian's 6.1 kernel, chrooted into
 the host's root shared read-only over 9p. Checks that nftsync takes its pre-6.12 path there and
 that the path is correct against the real kernel; and turns the guest pytest's junit XML into
-`RESULT <name> PASS|FAIL <detail>` lines that tests/vm/test_nft_61_vm.py reads from the console.
+`RESULT <name> PASS|FAIL <detail>` lines that tests/kernel/vm/test_nft_61_vm.py reads from the console.
 
     guest_nft61.py checks          # the direct checks, in a network namespace of their own
     guest_nft61.py junit FILE RC   # one RESULT line per test case in FILE, and pytest's RC
@@ -34,7 +34,7 @@ MAX_JUNIT_BYTES = 4 << 20
 # Tests that assert what kernels >= 6.12 do, so fail on 6.1 by design: reported as XFAIL (with
 # the failure) when they fail. The 6.1 behaviour itself is asserted by a check of this file.
 KNOWN_KERNEL_DIFFERENCES = {
-    "tests/test_nft_events.py::test_refresh_and_readd":
+    "tests/kernel/test_nft_events.py::test_refresh_and_readd":
         "asserts the >= 6.12 in-place refresh (a NEWSETELEM for a re-add with `expires`); on 6.1 "
         "that re-add is a silent no-op (no event, expiry unchanged), which "
         "nft61_plain_add_does_not_refresh asserts",

@@ -1,14 +1,14 @@
 #!/bin/sh
 # Boot Debian's 6.1 kernel under qemu (TCG, no network device) with the patched xt_recent and
-# run tests/vm/guest-test.sh inside; prints the guest's console (RESULT/SUMMARY lines).
+# run tests/kernel/vm/guest-test.sh inside; prints the guest's console (RESULT/SUMMARY lines).
 #
 #   compat/vm/run.sh [-k KVER] [-t TIMEOUT_S] [-S] [-L] [-N]
 #
-# Stages in one boot: 1. tests/vm/guest-test.sh (busybox sh: the kernel command itself, ~20 s with
-# the build); 2. unless -S, tests/vm/guest_adapter.py (nftsync's adapter against the patched
+# Stages in one boot: 1. tests/kernel/vm/guest-test.sh (busybox sh: the kernel command itself, ~20 s with
+# the build); 2. unless -S, tests/kernel/vm/guest_adapter.py (nftsync's adapter against the patched
 # kernel, +15 s), run in a chroot of this host's root shared read-only over 9p (-virtfs), so the
 # guest has Python and the repository without building a root file system; 3. with -L (or
-# NFTSYNC_VM_LAB=1), the legacy farm lab of tests/test_compat_iptables.py with iptables-legacy
+# NFTSYNC_VM_LAB=1), the legacy farm lab of tests/kernel/test_compat_iptables.py with iptables-legacy
 # on the 6.1 kernel (+20-30 s under TCG). 4. -N runs stage 4 *alone* (no xt_recent build, so no
 # linux-headers/linux-source needed): nftsync's nf_tables path on 6.1, with 2 vCPUs and 2 GiB:
 # compat/vm/nft61.sh loads the netfilter modules, compat/vm/guest_nft61.py checks the pre-6.12
@@ -110,7 +110,7 @@ done
 echo 'root:x:0:0:root:/:/bin/sh' > "$root/etc/passwd"
 echo 'tcp 6 TCP' > "$root/etc/protocols"; echo 'icmp 1 ICMP' >> "$root/etc/protocols"
 cp "$here/init" "$root/init"
-cp "$repo/tests/vm/guest-test.sh" "$root/guest-test.sh"
+cp "$repo/tests/kernel/vm/guest-test.sh" "$root/guest-test.sh"
 cp "$here/nft61.sh" "$root/nft61.sh"
 chmod +x "$root/init"
 initrd=$vmdir/initramfs-$tag.cpio.gz

@@ -6,7 +6,7 @@ raise one NFT_MSG_NEWSETELEM / NFT_MSG_DELSETELEM per element, then one NFT_MSG_
 closes the transaction and names the committing process. The daemon must see the second kind to
 replicate what an admin changed, and notice maps that were re-created or deleted.
 
-Facts measured on kernel 6.18 (tests/test_nft_events.py checks them):
+Facts measured on kernel 6.18 (tests/kernel/test_nft_events.py checks them):
 - every element arrives in a message of its own (the list attribute holds one element), even
   when one `nft -f` transaction adds thousands;
 - `flush map` has no special form: the kernel notifies one DELSETELEM per element that was in
@@ -594,7 +594,7 @@ def decode_datagram(data: bytes, stats: DecodeStats, out: list[NftEvent]) -> Non
 class NftEventSocket:
     """A non-blocking NETLINK_NETFILTER socket joined to NFNLGRP_NFTABLES.
 
-    Open it inside the namespace to watch (see tests/netns.py `entered`). Register `fileno()`
+    Open it inside the namespace to watch (see tests/kernel/netns.py `entered`). Register `fileno()`
     with asyncio's `add_reader` and call `read()` when readable. The 16 MiB receive buffer
     (SO_RCVBUFFORCE; the kernel accounts 32 MiB) holds ~145k unread element events (measured:
     100k fit, 200k overran); beyond that the kernel drops events and `read()` reports an

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lab import Lab
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULESETS = ROOT / "rulesets"
 
 

@@ -24,7 +24,7 @@ import pytest
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RUN = REPO / "compat" / "vm" / "run.sh"
 FULL = os.environ.get("NFTSYNC_VM_FULL") == "1"
 RUN_TIMEOUT_S = 1000 if FULL else 480
@@ -39,8 +39,8 @@ STAGE_CHECKS = [
     "nft61_other_value_is_refused",
     "nft61_pytest_exit", "nft61_no_namespaces_left",
 ]
-# The guest's pytest selection (compat/vm/nft61.sh; the hypothesis fuzzers of test_nft_events
-# are pure Python and left out). The default is what fits in 8 minutes under TCG: the three
+# The guest's pytest selection (compat/vm/nft61.sh; the pure-Python decoding tests and fuzzers
+# are in tests/unit and need no guest). The default is what fits in 8 minutes under TCG: the three
 # daemon tests, part of test_farm.py and all of test_nft_events.py; with NFTSYNC_VM_FULL=1 all of
 # test_farm.py. A test added to these files shows up in test_no_unexpected_checks.
 _FARM_DEFAULT = [
@@ -67,18 +67,16 @@ _EVENTS = [
     "test_concat_layouts_match_kernel", "test_ipv6_and_ether_map",
     "test_single_service_key_and_verdict_map", "test_catchall_element",
     "test_map_recreated_and_table_deleted", "test_packet_path_update_sends_no_event",
-    "test_overrun_is_reported_not_raised", "test_datatype_errors_are_one_line",
-    "test_assembler_chunks_and_overrun", "test_sample_decodes",
-    "test_truncated_messages_are_counted",
+    "test_overrun_is_reported_not_raised",
 ]
 _DAEMON = [
     "test_traffic_sessions_and_conntrack_replicate", "test_admin_changes_and_deletes_propagate",
     "test_backup_restart_resyncs_keeps_found_and_live_deletes",
 ]
-GUEST_TESTS = ([f"pytest:tests/test_daemon.py::{t}" for t in _DAEMON]
-               + [f"pytest:tests/test_farm.py::{t}"
+GUEST_TESTS = ([f"pytest:tests/kernel/test_daemon.py::{t}" for t in _DAEMON]
+               + [f"pytest:tests/kernel/test_farm.py::{t}"
                   for t in (_FARM_FULL if FULL else _FARM_DEFAULT)]
-               + [f"pytest:tests/test_nft_events.py::{t}"
+               + [f"pytest:tests/kernel/test_nft_events.py::{t}"
                   for t in _EVENTS])
 # A guest test that fails only because it asserts what kernels >= 6.12 do is reported XFAIL by
 # the guest (its list: KNOWN_KERNEL_DIFFERENCES in compat/vm/guest_nft61.py); it is an xfail

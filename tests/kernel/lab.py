@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nftsync.errors import NftsyncError
 
-LAB_DIR = Path(__file__).resolve().parent.parent / "netns-lab"
+LAB_DIR = Path(__file__).resolve().parents[2] / "netns-lab"
 LAB_SH = LAB_DIR / "lab.sh"
 CLIENT_PY = LAB_DIR / "client.py"
 STATE_ROOT = Path("/run/nftsync-lab")

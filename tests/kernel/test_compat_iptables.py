@@ -1,10 +1,10 @@
-"""Legacy farm rules: description parsing, then real traffic through a client/lb/backend lab.
+"""Legacy farm rules with real traffic through a client/lb/backend lab (description parsing:
+tests/unit/test_compat_rules.py).
 
 Lab (all addresses exist only inside the lab's namespaces, no route out):
     client 10.77.1.2-.5 --veth-- 10.77.1.1 lb 10.77.2.1 --veth-- 10.77.2.10, .11 backend
 The VIP 10.77.9.100:8080 lives nowhere: the lb DNATs it in PREROUTING to backend:80. The backend
-runs one small TCP server that answers each connection with the address it was reached on.
-"""
+runs one small TCP server that answers each connection with the address it was reached on."""
 
 from __future__ import annotations
 
@@ -20,18 +20,15 @@ import netns
 import pytest
 
 from nftsync.compat.iptables import (
-    FarmError,
     IptablesRunner,
     LegacyFarm,
     apply_farm,
-    chain_rules,
     parse_farm,
     remove_farm,
-    restore_text,
 )
 from nftsync.compat.xtrecent import XtRecentTable, parse_proc, tables
 
-# iptables-legacy in the VM (tests/vm), the host's iptables (-nft on Debian 12) otherwise.
+# iptables-legacy in the VM (tests/kernel/vm), the host's iptables (-nft on Debian 12) otherwise.
 IPTABLES = os.environ.get("NFTSYNC_IPTABLES", "iptables")
 VIP, VPORT = "10.77.9.100", 8080
 BACKENDS = {0x200: "10.77.2.10", 0x201: "10.77.2.11"}
@@ -49,54 +46,6 @@ def farm_dict(**over: object) -> dict:
 
 
 # -- description ------------------------------------------------------------------------------
-
-def test_rules_follow_the_seed() -> None:
-    farm = parse_farm(farm_dict())
-    text = restore_text(farm)
-    assert ("-A FARM_lab -d 10.77.9.100/32 -p tcp -m multiport --dports 8080 -m recent --rcheck "
-            "--seconds 120 --name _lab_0x200_sessions --mask 255.255.255.255 --rsource -j MARK "
-            "--set-xmark 0x200/0xffffffff") in text
-    assert ("-A FARM_lab -p tcp -m mark --mark 0x201 -m recent --set --name _lab_0x201_sessions "
-            "--mask 255.255.255.255 --rsource -m comment --comment FARM_lab_1_ -j DNAT "
-            "--to-destination 10.77.2.11:80") in text
-    assert text.startswith("*nat\n:FARM_lab - [0:0]\n") and text.endswith("COMMIT\n")
-    # Round robin for new clients: the first scheduler rule takes every 2nd, the last the rest.
-    sched = [r for r in chain_rules(farm) if "0x0" in r]
-    assert "--every" in sched[0] and "statistic" not in sched[-1]
-
-
-@pytest.mark.parametrize("over, msg", [
-    ({"name": "bad name"}, "name"),
-    ({"name": "x" * 30}, "name"),
-    ({"vip": "10.0.0.300"}, "vip"),
-    ({"proto": "sctp"}, "proto"),
-    ({"ports": list(range(1, 17))}, "ports"),
-    ({"ports": ["90-80"]}, "backwards"),
-    ({"ports": [0]}, "port 0"),
-    ({"persistence_seconds": 0}, "persistence_seconds"),
-    ({"mask": "255.0.255.0"}, "mask"),
-    ({"backends": []}, "backends"),
-    ({"backends": [{"mark": 0, "address": "10.0.0.1"}]}, "mark"),
-    ({"backends": [{"mark": 1, "address": "10.0.0.1:99999"}]}, "port 99999"),
-    ({"backends": [{"mark": 1, "address": "host:80"}]}, "IPv4"),
-    ({"backends": [{"mark": 1, "address": "10.0.0.1"}, {"mark": "0x1", "address": "10.0.0.2"}]},
-     "share a mark"),
-    ({"colour": "blue"}, "unknown keys"),
-])
-def test_bad_descriptions_are_clear_errors(over: dict, msg: str) -> None:
-    with pytest.raises(FarmError, match=msg):
-        parse_farm(farm_dict(**over), "farm.toml")
-
-
-def test_example_file_loads() -> None:
-    from pathlib import Path
-
-    from nftsync.compat.iptables import load_farm
-    farm = load_farm(Path(__file__).parent.parent / "compat/farms/legacy-farm.toml")
-    assert farm.table_name(farm.backends[0]) == "_MyL4Farm_0x200_sessions"
-
-
-# -- lab with real traffic --------------------------------------------------------------------
 
 SERVER = r"""
 import socket, sys, time
@@ -221,7 +170,7 @@ def test_legacy_farm_traffic_persistence_and_adapter(lab: Lab) -> None:
         moved = XtRecentTable(f"_lab_0x{new:x}_sessions", 120)
         res = moved.add(src, remaining_s=60)
         [s] = [s for s in moved.sessions() if s.addr == src]
-        # The VM run (tests/vm) sets this: there the kernel has the patch.
+        # The VM run (tests/kernel/vm) sets this: there the kernel has the patch.
         assert res.exact or not os.environ.get("NFTSYNC_EXPECT_PATCHED")
         if res.method == "plus":  # stock kernel: the session restarts at the full 120 s
             assert 119 < s.remaining_s <= 120

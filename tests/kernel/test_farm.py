@@ -241,7 +241,7 @@ def _without_expiry(text: str) -> str:
 def test_missing_file_and_not_root(lab, tmp_path):
     p = nftsync(lab, "lb1", "apply", str(tmp_path / "nope.nft"), check=False)
     assert p.returncode != 0 and "no such file" in p.stderr
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         sys.executable, "-m", "nftsync", "sessions", "list"],
                        capture_output=True, text=True, env=env)

@@ -2,7 +2,7 @@
 # Runs inside the qemu VM (busybox sh, Debian 6.1 kernel, patched xt_recent.ko loaded).
 # Prints one machine-readable line per check:
 #   RESULT <name> PASS|FAIL <detail>
-# then "SUMMARY pass=N fail=M". The host side (tests/vm/test_xt_recent_vm.py) parses them.
+# then "SUMMARY pass=N fail=M". The host side (tests/kernel/vm/test_xt_recent_vm.py) parses them.
 # HZ comes from the kernel command line (nftsync.hz=...), written there by compat/vm/run.sh from
 # the kernel's own config, because the Debian kernel has no /proc/config.gz.
 PASS=0

@@ -21,7 +21,7 @@ from ha import HA_SH, Ha, HaError, keepalived_in, proc_starttime
 from helpers import RULESETS, map_elements, nftsync, reset_node
 from lab import GW4, GW6, VIP4, VIP6, Lab, client4, client6, lab_namespaces
 
-NOTIFY_SH = Path(__file__).resolve().parent.parent / "contrib" / "keepalived" / "nftsync-notify.sh"
+NOTIFY_SH = Path(__file__).resolve().parents[2] / "contrib" / "keepalived" / "nftsync-notify.sh"
 SOURCES = [client4(i) for i in range(1, 11)]
 BACKENDS = {"be1", "be2"}
 
@@ -320,7 +320,7 @@ def test_notify_script_applies_the_latest_state_when_calls_overlap(notify_env):
 
 # --- with the sync daemon: the promise, end to end ---------------------------------------------
 def daemon_available() -> bool:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return (root / "nftsync" / "daemon" / "core.py").exists()
 
 

@@ -287,8 +287,8 @@ def test_cli_check_prints_effective_config(tmp_path: Path, key: Path) -> None:
     assert r.returncode == 0 and r.stdout.startswith("configuration is valid")
 
 
-EXAMPLE = Path(__file__).parent.parent / "contrib" / "nftsync.toml.example"
-LEGACY_EXAMPLE = Path(__file__).parent.parent / "compat" / "farms" / "legacy-farm.toml"
+EXAMPLE = Path(__file__).parents[2] / "contrib" / "nftsync.toml.example"
+LEGACY_EXAMPLE = Path(__file__).parents[2] / "compat" / "farms" / "legacy-farm.toml"
 
 
 def test_example_documents_every_key_and_is_valid(tmp_path: Path, key: Path) -> None:

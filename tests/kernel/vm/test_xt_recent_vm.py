@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.vm
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 RUN = REPO / "compat" / "vm" / "run.sh"
 
 SHELL_CHECKS = [

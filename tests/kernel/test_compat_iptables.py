@@ -64,7 +64,7 @@ while time.monotonic() < deadline and served < 200:
 
 
 @dataclass
-class Lab:
+class LegacyLab:
     client: str
     lb: str
     backend: str
@@ -83,7 +83,7 @@ def _ip(*args: str) -> None:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def legacy_lab() -> Iterator[LegacyLab]:
     tag = uuid.uuid4().hex[:6]
     names = [f"cx{tag}-c", f"cx{tag}-lb", f"cx{tag}-be"]
     created: list[str] = []
@@ -114,7 +114,7 @@ def lab() -> Iterator[Lab]:
         server = subprocess.Popen(["ip", "netns", "exec", be, sys.executable, "-c", SERVER],
                                   stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        yield Lab(c, lb, be, server)
+        yield LegacyLab(c, lb, be, server)
     finally:
         if server is not None:
             server.kill()
@@ -123,40 +123,40 @@ def lab() -> Iterator[Lab]:
             netns.delete(n)
 
 
-def _table(lab: Lab, mark: int) -> list:
-    raw = netns.run(lab.lb, "cat", f"/proc/net/xt_recent/_lab_0x{mark:x}_sessions").stdout
+def _table(legacy_lab: LegacyLab, mark: int) -> list:
+    raw = netns.run(legacy_lab.lb, "cat", f"/proc/net/xt_recent/_lab_0x{mark:x}_sessions").stdout
     return parse_proc(raw)
 
 
-def test_legacy_farm_traffic_persistence_and_adapter(lab: Lab) -> None:
+def test_legacy_farm_traffic_persistence_and_adapter(legacy_lab: LegacyLab) -> None:
     farm: LegacyFarm = parse_farm(farm_dict())
-    runner = IptablesRunner(iptables=IPTABLES, netns=lab.lb)
+    runner = IptablesRunner(iptables=IPTABLES, netns=legacy_lab.lb)
     apply_farm(farm, runner)
     apply_farm(farm, runner)  # idempotent: one jump, same chain
-    save = netns.run(lab.lb, f"{IPTABLES}-save", "-t", "nat").stdout
+    save = netns.run(legacy_lab.lb, f"{IPTABLES}-save", "-t", "nat").stdout
     assert save.count("-j FARM_lab") == 1
 
-    first = {src: lab.connect(src) for src in CLIENTS}
+    first = {src: legacy_lab.connect(src) for src in CLIENTS}
     # Round robin over new clients: both backends used, two clients each.
     assert sorted(first.values()) == sorted(list(BACKENDS.values()) * 2)
     # Persistence: each client comes back to its backend.
     for src in CLIENTS:
-        assert lab.connect(src) == first[src]
+        assert legacy_lab.connect(src) == first[src]
 
     # The kernel's tables hold each client under its backend's mark...
-    by_mark = {m: {e.addr for e in _table(lab, m)} for m in BACKENDS}
+    by_mark = {m: {e.addr for e in _table(legacy_lab, m)} for m in BACKENDS}
     for src, backend in first.items():
         mark = next(m for m, a in BACKENDS.items() if a == backend)
         assert src in by_mark[mark]
         assert all(src not in by_mark[m] for m in BACKENDS if m != mark)
     # ... with one stamp per new connection (two connections each), and the adapter reads
     # exactly what the raw file says.
-    with netns.entered(lab.lb):
+    with netns.entered(legacy_lab.lb):
         assert sorted(tables()) == ["_lab_0x200_sessions", "_lab_0x201_sessions"]
         for m in BACKENDS:
             t = XtRecentTable(f"_lab_0x{m:x}_sessions", 120)
             entries = sorted(t.list(), key=lambda e: e.addr)
-            assert entries == sorted(_table(lab, m), key=lambda e: e.addr)
+            assert entries == sorted(_table(legacy_lab, m), key=lambda e: e.addr)
             assert all(e.hits == 2 and e.ttl == 64 for e in entries)
             assert all(0 < s.remaining_s <= 120 for s in t.sessions())
 
@@ -165,7 +165,7 @@ def test_legacy_farm_traffic_persistence_and_adapter(lab: Lab) -> None:
     src = CLIENTS[0]
     old = next(m for m, a in BACKENDS.items() if a == first[src])
     new = next(m for m in BACKENDS if m != old)
-    with netns.entered(lab.lb):
+    with netns.entered(legacy_lab.lb):
         assert XtRecentTable(f"_lab_0x{old:x}_sessions", 120).delete(src)
         moved = XtRecentTable(f"_lab_0x{new:x}_sessions", 120)
         res = moved.add(src, remaining_s=60)
@@ -177,23 +177,23 @@ def test_legacy_farm_traffic_persistence_and_adapter(lab: Lab) -> None:
         else:  # patched kernel: exactly the 60 s asked for
             assert res.exact and 59 < s.remaining_s <= 60
     for _ in range(3):
-        assert lab.connect(src) == BACKENDS[new]
+        assert legacy_lab.connect(src) == BACKENDS[new]
 
     # Re-applying the farm keeps the tables' entries (the rules are swapped in one commit).
-    before = {m: {e.addr for e in _table(lab, m)} for m in BACKENDS}
+    before = {m: {e.addr for e in _table(legacy_lab, m)} for m in BACKENDS}
     apply_farm(farm, runner)
-    assert {m: {e.addr for e in _table(lab, m)} for m in BACKENDS} == before
+    assert {m: {e.addr for e in _table(legacy_lab, m)} for m in BACKENDS} == before
 
     # Removal takes the jumps, the chain and the tables away; other nat rules stay.
-    netns.run(lab.lb, IPTABLES, "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "l1", "-j",
+    netns.run(legacy_lab.lb, IPTABLES, "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "l1", "-j",
               "RETURN")
     assert remove_farm(farm, runner) is True
     assert remove_farm(farm, runner) is False
-    save = netns.run(lab.lb, f"{IPTABLES}-save", "-t", "nat").stdout
+    save = netns.run(legacy_lab.lb, f"{IPTABLES}-save", "-t", "nat").stdout
     assert "FARM_lab" not in save and "-A POSTROUTING -o l1 -j RETURN" in save
-    assert netns.run(lab.lb, "ls", "/proc/net/xt_recent").stdout == ""
+    assert netns.run(legacy_lab.lb, "ls", "/proc/net/xt_recent").stdout == ""
     with pytest.raises(OSError):
-        lab.connect(CLIENTS[1])  # nothing DNATs the VIP any more
+        legacy_lab.connect(CLIENTS[1])  # nothing DNATs the VIP any more
 
 
 def test_cli_rules_apply_and_remove(ns: str, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -9,7 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from helpers import nftsync, reset_node
+from lab import Lab
 
 SYNC4 = {"lb1": "10.30.0.1", "lb2": "10.30.0.2"}
 
@@ -107,3 +112,32 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def daemon_pair(lab: Lab, workdir: Path, farm_file: Path,
+                connect_timeout: float = 30.0) -> Iterator[dict[str, DaemonProc]]:
+    """Both load balancers of `lab` with `farm_file` applied and a daemon each (lb1 active,
+    lb2 backup), connected; afterwards the daemons are stopped by pid, the sync link restored and
+    both nodes reset, whatever happened."""
+    key = make_key(workdir)
+    lab.move_vip("lb1")
+    for node in ("lb1", "lb2"):
+        reset_node(lab, node)
+        nftsync(lab, node, "apply", str(farm_file))
+    d1 = DaemonProc(lab.ns("lb1"), "lb1", 1, SYNC4["lb1"], [SYNC4["lb2"]], key, workdir,
+                    role="active")
+    d2 = DaemonProc(lab.ns("lb2"), "lb2", 2, SYNC4["lb2"], [SYNC4["lb1"]], key, workdir)
+    daemons = {"lb1": d1, "lb2": d2}
+    try:
+        d1.start()
+        d2.start()
+        d1.wait(lambda: d1.peers_up() >= 1, connect_timeout, "lb2 connected")
+        d2.wait(lambda: d2.peers_up() >= 1, connect_timeout, "lb1 connected")
+        yield daemons
+    finally:
+        for d in daemons.values():
+            d.stop()
+        lab.restore_sync()
+        for node in ("lb1", "lb2"):
+            reset_node(lab, node)

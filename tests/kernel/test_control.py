@@ -3,7 +3,6 @@ a fake daemon: tests/unit/test_control_protocol.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -15,77 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import netns
-import pytest
 
 from nftsync.daemon import control
 from nftsync.daemon.control import ControlError
-from nftsync.errors import NftsyncError
 
 NFTSYNC = [sys.executable, "-m", "nftsync"]
-
-
-class FakeDaemon:
-    """The core's control interface with canned data; records the calls it gets."""
-
-    def __init__(self) -> None:
-        self.role = "backup"
-        self.health = "ok"
-        self.calls: list[tuple[str, dict]] = []
-
-    def status(self) -> dict:
-        self.calls.append(("status", {}))
-        return {"node": "lb1", "node_id": 11, "cluster": "prod", "role": self.role,
-                "health": self.health,
-                "reasons": [] if self.health == "ok" else ["peer lb2 is down: refused"],
-                "uptime_s": 3725.5, "farms": ["web"], "peers_up": 1, "peers_total": 2}
-
-    def peers(self) -> list[dict]:
-        self.calls.append(("peers", {}))
-        return [{"name": "10.0.0.2:7777", "node_name": "lb2", "node_id": 12,
-                 "address": "10.0.0.2:7777", "state": "up", "since_s": 61.0, "last_error": "",
-                 "sent": 10, "received": 20, "applied": 19,
-                 "lag_ms": {"p50": 0.4, "p99": 2.5, "last": 0.3}, "resnapshots": 0,
-                 "auth_failures": 0},
-                {"name": "10.0.0.3:7777", "node_name": None, "node_id": None,
-                 "address": "10.0.0.3:7777", "state": "connecting", "since_s": 3.0,
-                 "last_error": "Connection refused", "sent": 0, "received": 0, "applied": 0,
-                 "lag_ms": None, "resnapshots": 0, "auth_failures": 2}]
-
-    def control_ops(self) -> dict:
-        return {"status": self.status, "peers": self.peers, "stats": self.stats,
-                "resync": self.resync, "promote": self.promote, "demote": self.demote,
-                "show": self.show}
-
-    def stats(self) -> dict:
-        self.calls.append(("stats", {}))
-        return {"counters": {"ct_events": 5, "auth_failures": 2}, "conntrack": 3,
-                "peers": {"lb2": {"sent": 10}}, "last_error": ""}
-
-    async def resync(self, peer: str | None = None) -> dict:
-        self.calls.append(("resync", {"peer": peer}))
-        await asyncio.sleep(0)
-        if peer == "nope":
-            raise NftsyncError("no peer 'nope' (peers: lb2)")
-        return {"resync": [peer or "lb2"]}
-
-    def promote(self) -> dict:
-        old, self.role = self.role, "active"
-        self.calls.append(("promote", {}))
-        return {"role": "active", "was": old}
-
-    def demote(self) -> dict:
-        old, self.role = self.role, "backup"
-        self.calls.append(("demote", {}))
-        return {"role": "backup", "was": old}
-
-    def show(self, farm: str | None = None, limit: int = 100) -> dict:
-        self.calls.append(("show", {"farm": farm, "limit": limit}))
-        if farm == "crash":
-            raise RuntimeError("a bug in the core")
-        entries = [{"client": f"10.10.1.{i}", "backend": "0x200", "expires_s": 90.0,
-                    "origin": 11, "updated_ms": 1} for i in range(min(limit, 3))]
-        return {"farms": {"web": {"sessions": {"count": 3, "entries": entries}}},
-                "conntrack": 7}
 
 
 def ctl(path: str, *args: str) -> subprocess.CompletedProcess:
@@ -100,15 +33,6 @@ FARM = Path(__file__).parents[2] / "rulesets" / "farm.nft"
 CONFINE = ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all", "--no-new-privs"]
 
 
-def _have_core() -> bool:
-    try:
-        import nftsync.daemon.core  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_core(), reason="nftsync.daemon.core is not there yet")
 def test_real_daemon_pair(tmp_path: Path) -> None:
     """Two daemons in two namespaces joined by a veth: ctl, SIGHUP (good and bad), SIGTERM.
 

@@ -13,8 +13,8 @@ import struct
 import time
 
 import pytest
-from daemons import SYNC4, DaemonProc, make_key, wait_for
-from helpers import RULESETS, map_elements, nftsync, reset_node
+from daemons import SYNC4, DaemonProc, daemon_pair, make_key, wait_for
+from helpers import RULESETS, map_elements, nftsync
 from lab import client4
 
 FARM_TABLE, FARM_MAP = "nftsync_http", "http_sessions"
@@ -34,25 +34,8 @@ def farm_file(tmp_path):
 @pytest.fixture
 def pair(lab, tmp_path, farm_file):
     """Both load balancers with the farm and a daemon each; lb1 active. Stopped by pid after."""
-    key = make_key(tmp_path)
-    lab.move_vip("lb1")
-    for node in ("lb1", "lb2"):
-        reset_node(lab, node)
-        nftsync(lab, node, "apply", str(farm_file))
-    d1 = DaemonProc(lab.ns("lb1"), "lb1", 1, SYNC4["lb1"], [SYNC4["lb2"]], key, tmp_path,
-                    role="active")
-    d2 = DaemonProc(lab.ns("lb2"), "lb2", 2, SYNC4["lb2"], [SYNC4["lb1"]], key, tmp_path)
-    daemons = {"lb1": d1, "lb2": d2}
-    try:
-        d1.start()
-        d2.start()
-        d1.wait(lambda: d1.peers_up() >= 1, 15, "lb2 connected")
-        d2.wait(lambda: d2.peers_up() >= 1, 15, "lb1 connected")
+    with daemon_pair(lab, tmp_path, farm_file, connect_timeout=15) as daemons:
         yield daemons
-    finally:
-        for d in daemons.values():
-            d.stop()
-        lab.restore_sync()
 
 
 def sessions(lab, node):

@@ -20,8 +20,8 @@ import time
 
 import netns
 import pytest
-from daemons import SYNC4, DaemonProc, make_key, wait_for
-from helpers import RULESETS, map_elements, nftsync, reset_node
+from daemons import DaemonProc, daemon_pair, wait_for
+from helpers import RULESETS, map_elements
 
 from nftsync.conntrack import CtEntry
 from nftsync.daemon.ctsink import CtSink
@@ -250,26 +250,8 @@ def small_farm(tmp_path):
 
 @pytest.fixture
 def pair(lab, tmp_path, small_farm):
-    key = make_key(tmp_path)
-    lab.move_vip("lb1")
-    for node in ("lb1", "lb2"):
-        reset_node(lab, node)
-        nftsync(lab, node, "apply", str(small_farm))
-    d1 = DaemonProc(lab.ns("lb1"), "lb1", 1, SYNC4["lb1"], [SYNC4["lb2"]], key, tmp_path,
-                    role="active")
-    d2 = DaemonProc(lab.ns("lb2"), "lb2", 2, SYNC4["lb2"], [SYNC4["lb1"]], key, tmp_path)
-    daemons = {"lb1": d1, "lb2": d2}
-    try:
-        d1.start()
-        d2.start()
-        d1.wait(lambda: d1.peers_up() >= 1, 30, "lb2 connected")
-        d2.wait(lambda: d2.peers_up() >= 1, 30, "lb1 connected")
+    with daemon_pair(lab, tmp_path, small_farm) as daemons:
         yield daemons
-    finally:
-        for d in daemons.values():
-            d.stop()
-        for node in ("lb1", "lb2"):
-            reset_node(lab, node)
 
 
 def client(i: int) -> str:

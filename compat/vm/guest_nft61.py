@@ -1,7 +1,8 @@
 """Runs inside the qemu VM (stage 4, `compat/vm/run.sh -N`): Debian's 6.1 kernel, chrooted into
 the host's root shared read-only over 9p. Checks that nftsync takes its pre-6.12 path there and
 that the path is correct against the real kernel; and turns the guest pytest's junit XML into
-`RESULT <name> PASS|FAIL <detail>` lines that tests/kernel/vm/test_nft_61_vm.py reads from the console.
+`RESULT <name> PASS|FAIL <detail>` lines that tests/kernel/vm/test_nft_61_vm.py reads from the
+console.
 
     guest_nft61.py checks          # the direct checks, in a network namespace of their own
     guest_nft61.py junit FILE RC   # one RESULT line per test case in FILE, and pytest's RC
@@ -87,8 +88,9 @@ def reset(expires: int) -> None:
 def inner() -> None:
     """The checks, run inside a fresh network namespace."""
     from nftsync.daemon.farms import ReplicatedMap
-    from nftsync.daemon.sink import ElementOp, NftSink
+    from nftsync.daemon.nftsink import NftSink
     from nftsync.model import MapRef, Role, Session, SessionMap
+    from nftsync.replication import ElementOp
     from nftsync.tables.nftmap import NftSessionMap, kernel_refreshes_expiry
 
     smap = SessionMap(ref=MapRef("ip", TABLE, MAP), role=Role.SESSIONS, farm="nft61",

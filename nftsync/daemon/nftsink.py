@@ -609,6 +609,7 @@ class NftSink:
             refusals = Refusals()
             before = self.stats.applied
             self._write(rmap, probe, refusals, fresh=False)
+            self._retried(st)
             ok = self.stats.applied > before
             if ok:
                 while True:
@@ -618,6 +619,7 @@ class NftSink:
                         break
                     left = len(chunk)
                     self._write(rmap, chunk, refusals, fresh=False)
+                    self._retried(st)
                     with self._lock:
                         refused_again = any(op.key in st.waiting for op in chunk)
                     if refused_again or left < RETRY_CHUNK:
@@ -636,6 +638,12 @@ class NftSink:
                 log.info("map %s: %d refused change(s) written on retry, %d still waiting",
                          ref, recovered, len(st.waiting))
 
+    def _retried(self, st: MapState) -> None:
+        """The kernel answered the ops `_take` handed out: what it refused is waiting again."""
+        with self._lock:
+            self.stats.waiting -= sum(st.in_retry.values())
+            st.in_retry.clear()
+
     def _take(self, st: MapState, n: int) -> list[ElementOp]:
         """Up to `n` of the oldest waiting ops, out of the store, with the expiry they have
         left now (those that expired while waiting are dropped) (lock held)."""
@@ -650,6 +658,8 @@ class NftSink:
                 if left <= 0:
                     continue
                 op = ElementOp(op.key, op.mark, left, None)
+            st.in_retry[w.cause] = st.in_retry.get(w.cause, 0) + 1
+            self.stats.waiting += 1
             out.append(op)
         return out
 
@@ -661,7 +671,9 @@ class NftSink:
             for mref, st in self._maps.items():
                 if ref is not None and mref != ref:
                     continue
-                for cause, n in sorted(st.by_cause.items()):
+                causes = set(st.by_cause) | set(st.in_retry)
+                for cause in sorted(causes):
+                    n = st.by_cause.get(cause, 0) + st.in_retry.get(cause, 0)
                     if n <= 0:
                         continue
                     what = map_words(mref, cause, st.size)

@@ -62,6 +62,9 @@ class MapState:
     next_retry: float = 0.0
     backoff: float = RETRY_FULL_S
     retry_queued: bool = False
+    # Taken out of `waiting` for a retry that is being written now: still waiting as far as
+    # anyone reading problems() or the stats is concerned, until the kernel has answered.
+    in_retry: dict[str, int] = field(default_factory=dict)
 
 
 class Refusals:

@@ -155,15 +155,21 @@ def cluster(fo_lab: Lab, tmp_path: Path) -> Iterator[Cluster]:
         assert c.ha.notify_calls("lb1")[-1].outcome.startswith("ok"), c.ha.notify_calls("lb1")
         yield c
     finally:
+        tear_down(c, lab, tmp_path)
+
+
+def tear_down(c: Cluster, lab: Lab, tmp_path: Path) -> None:
+    """Keep the logs, stop the daemons and keepalived, give the lab back its routes and link,
+    whatever fails on the way."""
+    try:
+        keep_logs(lab, tmp_path / "logs")
+        c.stop()
+    finally:
         try:
-            keep_logs(lab, tmp_path / "logs")
-            c.stop()
+            c.ha.down()
         finally:
-            try:
-                c.ha.down()
-            finally:
-                unsteer(lab)
-                lab.restore_sync()
+            unsteer(lab)
+            lab.restore_sync()
 
 
 # --- kernel views -------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ from test_failover import (
     LineStream,
     assert_all_served,
     assert_same_backend,
-    keep_logs,
     links_up,
     served,
     stream_entries,
+    tear_down,
     unsteer,
 )
 
@@ -516,15 +516,9 @@ def cluster(lab: Lab, tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         try:
-            keep_logs(lab, tmp_path / "logs")
-            c.stop()
+            tear_down(c, lab, tmp_path)
         finally:
-            try:
-                c.ha.down()
-            finally:
-                unsteer(lab)
-                lab.restore_sync()
-                lab.move_vip("lb1")
+            lab.move_vip("lb1")
 
 
 def test_failback_keeps_idle_clients_and_a_stream_through_keepalived(cluster: Cluster):

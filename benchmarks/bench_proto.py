@@ -13,15 +13,8 @@ import random
 import time
 
 from nftsync.proto.channel import Channel, Identity
-from nftsync.proto.frames import (
-    OP_ADD,
-    ConntrackRecord,
-    SessionRecord,
-    Updates,
-    decode_payload,
-    encode_frame,
-    split_records,
-)
+from nftsync.proto.frames import Updates, decode_payload, encode_frame
+from nftsync.proto.records import OP_ADD, ConntrackRecord, SessionRecord, split_records
 
 
 def make_sessions(n: int) -> list[SessionRecord]:

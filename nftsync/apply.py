@@ -34,7 +34,7 @@ from nftsync import backends as backend_states
 from nftsync.errors import RulesetError
 from nftsync.model import Farm, Role, Session, SessionMap
 from nftsync.nft import Nft
-from nftsync.proto.frames import MAX_REMAINING_MS
+from nftsync.proto.wire import MAX_REMAINING_MS
 from nftsync.ruleset import (
     Desired,
     TableBlocks,

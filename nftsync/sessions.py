@@ -11,7 +11,7 @@ from typing import Any
 from nftsync.errors import KernelError, SessionError
 from nftsync.model import Farm, Role, Session, parse_key
 from nftsync.nft import Nft
-from nftsync.proto.frames import MAX_REMAINING_MS
+from nftsync.proto.wire import MAX_REMAINING_MS
 from nftsync.ruleset import current_farms
 from nftsync.tables.nftmap import NftSessionMap
 

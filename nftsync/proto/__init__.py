@@ -1,9 +1,10 @@
 """nftsync peer protocol: authenticated, versioned, length-prefixed frames over TCP.
 
-`frames` holds the wire format and message/record codecs (pure bytes, fuzzable), `conntrack`
-the layout of a replicated conntrack entry (the body of a ConntrackRecord), `auth` the
-pre-shared key file rules and handshake cryptography, `channel` the asyncio connection that the
-replication daemon uses. docs/protocol.md is the byte-by-byte specification.
+Pure bytes, fuzzable, no sockets: `wire` (magic, versions, limits, errors), `records` (the
+replication records and their codecs), `conntrack` (the layout of a replicated conntrack entry,
+the body of a ConntrackRecord), `frames` (framing, tags, the messages). With I/O: `auth` (the
+pre-shared key file rules and handshake cryptography) and `channel` (the asyncio connection the
+daemon uses). docs/protocol.md is the byte-by-byte specification.
 """
 
 from __future__ import annotations
@@ -21,33 +22,37 @@ from nftsync.proto.frames import (
     CAP_CONNTRACK,
     CAP_DEFAULT,
     CAP_SESSIONS,
-    FLAG_IGNORABLE,
-    MAX_PAYLOAD,
-    MAX_REMAINING_MS,
-    OP_ADD,
-    OP_DELETE,
-    OP_UPSERT,
-    PROTOCOL_VERSION,
     Ack,
     Auth,
     AuthOk,
-    ConnectionClosed,
-    ConntrackRecord,
     Heartbeat,
     Hello,
     Message,
     MsgType,
-    ProtocolError,
-    Record,
     Refuse,
     RefuseReason,
     ResyncRequest,
-    SessionRecord,
     SnapshotBegin,
     SnapshotChunk,
     SnapshotEnd,
     Updates,
+)
+from nftsync.proto.records import (
+    OP_ADD,
+    OP_DELETE,
+    OP_UPSERT,
+    ConntrackRecord,
+    Record,
+    SessionRecord,
     split_records,
+)
+from nftsync.proto.wire import (
+    FLAG_IGNORABLE,
+    MAX_PAYLOAD,
+    MAX_REMAINING_MS,
+    PROTOCOL_VERSION,
+    ConnectionClosed,
+    ProtocolError,
 )
 
 __all__ = [

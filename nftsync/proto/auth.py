@@ -14,7 +14,8 @@ import struct
 from pathlib import Path
 
 from nftsync.errors import NftsyncError
-from nftsync.proto.frames import ProtocolError, RefuseReason
+from nftsync.proto.frames import RefuseReason
+from nftsync.proto.wire import ProtocolError
 
 #: Rules for a key file (docs/protocol.md "Pre-shared key").
 MIN_SECRET_CHARS = 32  # text secrets: at least this many printable characters

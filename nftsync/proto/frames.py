@@ -11,61 +11,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from nftsync.errors import NftsyncError
-
-MAGIC = b"NFSY"
-PROTOCOL_VERSION = 1
-# Versions this implementation can speak; HELLO advertises the range and both sides pick the max
-# common one (see docs/protocol.md "Versioning").
-VERSION_MIN = 1
-VERSION_MAX = 1
-
-#: magic(4) version(u8) type(u8) flags(u16) payload length(u32) frame counter(u64), big-endian.
-HEADER = struct.Struct(">4sBBHIQ")
-HEADER_LEN = HEADER.size  # 20
-#: HMAC-SHA256 truncated to 128 bits; docs/protocol.md explains why 16 bytes are enough.
-TAG_LEN = 16
-#: Hard bound on a payload. Checked on the header before a single payload byte is read.
-MAX_PAYLOAD = 1 << 20
-
-#: Bound on handshake payloads: a peer that has not authenticated cannot make us buffer 1 MiB.
-MAX_HANDSHAKE_PAYLOAD = 4096
-
-#: Flag: a receiver that does not know this message type may skip the frame instead of failing.
-FLAG_IGNORABLE = 0x0001
-KNOWN_FLAGS = FLAG_IGNORABLE
-
-MAX_NAME = 64  # cluster and node names, UTF-8 bytes
-MAX_MAP_ID = 64
-MAX_KEY = 64
-MAX_CT_ENTRY = 128
-MAX_TEXT = 256  # REFUSE / RESYNC_REQUEST human-readable text
-NONCE_LEN = 32
-PROOF_LEN = 32
-
-U32_MAX = 0xFFFFFFFF
-U64_MAX = 0xFFFFFFFFFFFFFFFF
-
-#: Longest time left a SessionRecord can carry: `remaining_ms` is a u32 of milliseconds
-#: (~49.7 days). `nftsync apply` and `nftsync sessions add` refuse timeouts above it, so that
-#: every session the kernel holds can be replicated; docs/protocol.md "Field ranges".
-MAX_REMAINING_MS = U32_MAX
-
-
-class ProtocolError(NftsyncError):
-    """A peer sent bytes that break the protocol (malformed, tampered, replayed, out of order).
-
-    The connection it came from must be closed; nothing in the frame may be trusted.
-    """
-
-
-class ConnectionClosed(NftsyncError):  # noqa: N818 - it names an event, like asyncio's errors
-    """The peer closed the TCP connection (cleanly or in the middle of a frame)."""
-
+from nftsync.proto.records import Record, decode_records, encode_records
+from nftsync.proto.wire import (
+    HEADER,
+    HEADER_LEN,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_NAME,
+    MAX_PAYLOAD,
+    MAX_TEXT,
+    NONCE_LEN,
+    PROOF_LEN,
+    PROTOCOL_VERSION,
+    TAG_LEN,
+    ProtocolError,
+    decode_text,
+    encode_name,
+)
 
 # --------------------------------------------------------------------------------------------
 # Message types
@@ -118,233 +83,6 @@ CAP_CONNTRACK = 0x2
 CAP_DEFAULT = CAP_SESSIONS | CAP_CONNTRACK
 
 
-def _text(mv: memoryview, what: str) -> str:
-    try:
-        return str(mv, "utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"{what} is not valid UTF-8") from exc
-
-
-def _enc_name(value: str, what: str, limit: int, allow_empty: bool = False) -> bytes:
-    raw = value.encode("utf-8")
-    if len(raw) > limit or (not raw and not allow_empty):
-        raise ValueError(f"{what} must be 1..{limit} UTF-8 bytes, got {len(raw)}")
-    return raw
-
-
-# --------------------------------------------------------------------------------------------
-# Records (inside SNAPSHOT_CHUNK and UPDATES)
-# --------------------------------------------------------------------------------------------
-
-class RecordType:
-    SESSION = 1
-    CONNTRACK = 2
-
-
-OP_ADD = 1  # SessionRecord
-OP_DELETE = 2  # both record types
-OP_UPSERT = 1  # ConntrackRecord (same value as ADD)
-
-#: record type(u8) body length(u16)
-REC_HDR = struct.Struct(">BH")
-# Session body fixed part: op u8, mark u32, remaining_ms u32, updated_ms u64, origin u32,
-# map_id length u8, key length u8; then map_id bytes, key bytes.
-_SESS_FIXED = struct.Struct(">BIIQIBB")
-# Record header + session fixed part in one pack call (the hot path).
-_SESS_FULL = struct.Struct(">BHBIIQIBB")
-_SESS_FIXED_LEN = _SESS_FIXED.size  # 23
-# Conntrack body fixed part: op u8, origin u32, updated_ms u64; then entry (rest of the body).
-_CT_FULL = struct.Struct(">BHBIQ")
-_CT_FIXED_LEN = 1 + 4 + 8  # 13
-
-
-@dataclass(slots=True)
-class SessionRecord:
-    """One nft map element (client key -> backend mark) as replicated between peers.
-
-    `key` is the map key in nft's fixed-size big-endian concatenation, opaque here. `updated_ms`
-    is the origin's wall clock at the last refresh: conflicts keep the newest, then the highest
-    origin node id (docs/protocol.md "Replication semantics").
-    """
-
-    op: int
-    map_id: str
-    key: bytes
-    mark: int
-    remaining_ms: int
-    updated_ms: int
-    origin: int
-
-    TYPE: ClassVar[int] = RecordType.SESSION
-
-    def encode(self) -> bytes:
-        return encode_records((self,))
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> SessionRecord:
-        """Decode one complete record (header included)."""
-        recs = decode_records(memoryview(data), 1)
-        if len(recs) != 1 or not isinstance(recs[0], SessionRecord):
-            raise ProtocolError("not a session record")
-        return recs[0]
-
-
-@dataclass(slots=True)
-class ConntrackRecord:
-    """One conntrack entry as replicated; `entry` is its body, `encode_ct(ct)`, opaque here
-    (the layout is `nftsync.proto.conntrack`'s: frames only carry and bound it)."""
-
-    op: int
-    origin: int
-    updated_ms: int
-    entry: bytes
-
-    TYPE: ClassVar[int] = RecordType.CONNTRACK
-
-    def encode(self) -> bytes:
-        return encode_records((self,))
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> ConntrackRecord:
-        recs = decode_records(memoryview(data), 1)
-        if len(recs) != 1 or not isinstance(recs[0], ConntrackRecord):
-            raise ProtocolError("not a conntrack record")
-        return recs[0]
-
-
-Record = SessionRecord | ConntrackRecord
-
-
-def _encode_session(r: SessionRecord, pack: Callable[..., bytes] = _SESS_FULL.pack,
-                    cache: dict[str, bytes] | None = None) -> bytes:
-    mid = cache.get(r.map_id) if cache is not None else None
-    if mid is None:
-        mid = _enc_name(r.map_id, "map_id", MAX_MAP_ID)
-        if cache is not None and len(cache) < 256:
-            cache[r.map_id] = mid
-    key = r.key
-    klen = len(key)
-    if not 0 < klen <= MAX_KEY:
-        raise ValueError(f"session key must be 1..{MAX_KEY} bytes, got {klen}")
-    if r.op != OP_ADD and r.op != OP_DELETE:
-        raise ValueError(f"session op must be {OP_ADD} (add) or {OP_DELETE} (delete)")
-    mlen = len(mid)
-    return pack(RecordType.SESSION, _SESS_FIXED_LEN + mlen + klen, r.op, r.mark,
-                r.remaining_ms, r.updated_ms, r.origin, mlen, klen) + mid + bytes(key)
-
-
-def _encode_ct(r: ConntrackRecord) -> bytes:
-    elen = len(r.entry)
-    if not 0 < elen <= MAX_CT_ENTRY:
-        raise ValueError(f"conntrack entry must be 1..{MAX_CT_ENTRY} bytes, got {elen}")
-    if r.op != OP_UPSERT and r.op != OP_DELETE:
-        raise ValueError(f"conntrack op must be {OP_UPSERT} (upsert) or {OP_DELETE} (delete)")
-    return _CT_FULL.pack(RecordType.CONNTRACK, _CT_FIXED_LEN + elen, r.op, r.origin,
-                         r.updated_ms) + bytes(r.entry)
-
-
-def encode_records(records: Iterable[Record]) -> bytes:
-    """Concatenate encoded records. Raises ValueError on a record we would refuse to decode."""
-    parts: list[bytes] = []
-    append = parts.append
-    pack = _SESS_FULL.pack
-    cache: dict[str, bytes] = {}
-    try:
-        for r in records:
-            if type(r) is SessionRecord:
-                append(_encode_session(r, pack, cache))
-            elif type(r) is ConntrackRecord:
-                append(_encode_ct(r))
-            else:
-                raise TypeError(f"not a record: {type(r).__name__}")
-    except struct.error as exc:
-        # Only on the error path: name the field, so the log says what a caller must clamp.
-        raise ValueError(f"record field out of range: {_out_of_range(r)} ({exc})") from exc
-    return b"".join(parts)
-
-
-_SESSION_RANGES = (("mark", U32_MAX), ("remaining_ms", MAX_REMAINING_MS),
-                   ("updated_ms", U64_MAX), ("origin", U32_MAX))
-_CONNTRACK_RANGES = (("origin", U32_MAX), ("updated_ms", U64_MAX))
-
-
-def _out_of_range(r: Record) -> str:
-    """Which integer field of `r` does not fit its wire width, as `Type.field=value (0..max)`."""
-    ranges = _SESSION_RANGES if type(r) is SessionRecord else _CONNTRACK_RANGES
-    for name, top in ranges:
-        value = getattr(r, name)
-        if type(value) is not int or not 0 <= value <= top:
-            return f"{type(r).__name__}.{name}={value!r} (must be an integer 0..{top})"
-    return f"{type(r).__name__}"
-
-
-# bytes -> str for map ids: a daemon replicates a handful of maps, so decoding each name once per
-# batch instead of once per record is a measurable win. Bounded so hostile input cannot grow it.
-_MAP_ID_CACHE: dict[bytes, str] = {}
-_MAP_ID_CACHE_MAX = 1024
-
-
-def decode_records(mv: memoryview, count: int) -> list[Record]:
-    """Decode exactly `count` records filling `mv` completely.
-
-    Records of an unknown type are skipped (their length says how far), but still count; the
-    returned list holds only known records. Raises ProtocolError on anything malformed.
-    """
-    end = len(mv)
-    if count * REC_HDR.size > end:
-        raise ProtocolError(f"record count {count} cannot fit in {end} bytes")
-    out: list[Record] = []
-    append = out.append
-    unpack_hdr = REC_HDR.unpack_from
-    unpack_sess = _SESS_FIXED.unpack_from
-    unpack_ct = _CT_FULL.unpack_from
-    cache = _MAP_ID_CACHE
-    new_sess = SessionRecord
-    new_ct = ConntrackRecord
-    off = 0
-    for _ in range(count):
-        if off + 3 > end:
-            raise ProtocolError("truncated record header")
-        rtype, blen = unpack_hdr(mv, off)
-        body = off + 3
-        nxt = body + blen
-        if nxt > end:
-            raise ProtocolError("record body runs past the end of the frame")
-        if rtype == 1:
-            if blen < _SESS_FIXED_LEN:
-                raise ProtocolError("session record too short")
-            op, mark, remaining, updated, origin, mlen, klen = unpack_sess(mv, body)
-            if _SESS_FIXED_LEN + mlen + klen != blen:
-                raise ProtocolError("session record length mismatch")
-            if (op != 1 and op != 2) or not 0 < mlen <= MAX_MAP_ID or not 0 < klen <= MAX_KEY:
-                raise ProtocolError("session record field out of range")
-            p = body + _SESS_FIXED_LEN
-            raw = mv[p:p + mlen].tobytes()
-            mid = cache.get(raw)
-            if mid is None:
-                try:
-                    mid = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ProtocolError("map_id is not valid UTF-8") from exc
-                if len(cache) < _MAP_ID_CACHE_MAX:
-                    cache[raw] = mid
-            p += mlen
-            append(new_sess(op, mid, mv[p:nxt].tobytes(), mark, remaining, updated, origin))
-        elif rtype == 2:
-            elen = blen - _CT_FIXED_LEN
-            if not 0 < elen <= MAX_CT_ENTRY:
-                raise ProtocolError("conntrack record entry length out of range")
-            _t, _l, op, origin, updated = unpack_ct(mv, off)
-            if op != 1 and op != 2:
-                raise ProtocolError("conntrack record op out of range")
-            append(new_ct(op, origin, updated, mv[body + _CT_FIXED_LEN:nxt].tobytes()))
-        # any other record type: skipped by design (forward compatibility)
-        off = nxt
-    if off != end:
-        raise ProtocolError(f"{end - off} trailing bytes after {count} records")
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------
@@ -381,8 +119,8 @@ class Hello(Message):
     TYPE: ClassVar[int] = MsgType.HELLO
 
     def encode_payload(self) -> bytes:
-        cl = _enc_name(self.cluster, "cluster name", MAX_NAME)
-        nm = _enc_name(self.node_name, "node name", MAX_NAME)
+        cl = encode_name(self.cluster, "cluster name", MAX_NAME)
+        nm = encode_name(self.node_name, "node name", MAX_NAME)
         if len(self.nonce) != NONCE_LEN:
             raise ValueError(f"nonce must be {NONCE_LEN} bytes")
         return _HELLO_FIXED.pack(self.version_min, self.version_max, self.capabilities,
@@ -400,8 +138,8 @@ class Hello(Message):
         if not 0 < clen <= MAX_NAME or not 0 < nlen <= MAX_NAME:
             raise ProtocolError("HELLO name length out of range")
         p = _HELLO_FIXED.size
-        cluster = _text(mv[p:p + clen], "cluster name")
-        name = _text(mv[p + clen:p + clen + nlen], "node name")
+        cluster = decode_text(mv[p:p + clen], "cluster name")
+        name = decode_text(mv[p + clen:p + clen + nlen], "node name")
         return cls(vmin, vmax, cluster, node_id, name, nonce, caps)
 
 
@@ -457,7 +195,7 @@ def _dec_code_text(mv: memoryview, what: str) -> tuple[int, str]:
     code, tlen = _CODE_TEXT.unpack_from(mv, 0)
     if tlen > MAX_TEXT or _CODE_TEXT.size + tlen != len(mv):
         raise ProtocolError(f"{what} text length mismatch")
-    return code, _text(mv[_CODE_TEXT.size:], f"{what} text")
+    return code, decode_text(mv[_CODE_TEXT.size:], f"{what} text")
 
 
 @dataclass(slots=True)
@@ -690,28 +428,3 @@ def verify_tag(key: bytes, header: bytes | memoryview, payload: bytes | memoryvi
                tag: bytes | memoryview) -> None:
     if not hmac.compare_digest(compute_tag(key, header, payload), bytes(tag)):
         raise ProtocolError("frame authentication tag mismatch (tampered, replayed or wrong key)")
-
-
-def split_records(records: Sequence[Record], budget: int = MAX_PAYLOAD - 64) -> list[list[Record]]:
-    """Cut a record list into chunks whose encoding fits in one frame, for snapshots/updates.
-
-    Uses each record's worst-case size, so no chunk is ever encoded twice.
-    """
-    chunks: list[list[Record]] = []
-    cur: list[Record] = []
-    used = 0
-    for r in records:
-        if type(r) is SessionRecord:
-            # str.isascii() is O(1) in CPython; ASCII map ids encode to len() bytes
-            mlen = len(r.map_id) if r.map_id.isascii() else MAX_MAP_ID
-            size = 3 + _SESS_FIXED_LEN + mlen + len(r.key)
-        else:
-            size = 3 + _CT_FIXED_LEN + len(r.entry)
-        if used + size > budget and cur:
-            chunks.append(cur)
-            cur, used = [], 0
-        cur.append(r)
-        used += size
-    if cur:
-        chunks.append(cur)
-    return chunks

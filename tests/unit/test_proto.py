@@ -21,38 +21,36 @@ from typing import ClassVar
 import pytest
 
 from nftsync.errors import NftsyncError
-from nftsync.proto import auth, frames
+from nftsync.proto import auth, frames, wire
 from nftsync.proto.auth import AuthError, KeyFileError, load_key
 from nftsync.proto.channel import Channel, Identity, PeerRefused
 from nftsync.proto.frames import (
-    HEADER,
-    MAGIC,
-    MAX_PAYLOAD,
-    OP_ADD,
-    OP_DELETE,
     Ack,
     Auth,
     AuthOk,
-    ConnectionClosed,
-    ConntrackRecord,
     Heartbeat,
     Hello,
     Message,
-    ProtocolError,
     Refuse,
     RefuseReason,
     ResyncRequest,
-    SessionRecord,
     SnapshotBegin,
     SnapshotChunk,
     SnapshotEnd,
     Updates,
     decode_payload,
-    decode_records,
     encode_frame,
+)
+from nftsync.proto.records import (
+    OP_ADD,
+    OP_DELETE,
+    ConntrackRecord,
+    SessionRecord,
+    decode_records,
     encode_records,
     split_records,
 )
+from nftsync.proto.wire import HEADER, MAGIC, MAX_PAYLOAD, ConnectionClosed, ProtocolError
 
 KEY = bytes.fromhex("8f" * 4 + "1c2d3e4f5a6b7c8d9eafb0c1d2e3f405162738495a6b7c8d9eafb0c1")
 OTHER_KEY = bytes(reversed(KEY))
@@ -96,7 +94,7 @@ MESSAGES: list[Message] = [
 def test_message_round_trip(msg: Message) -> None:
     assert decode_payload(msg.TYPE, msg.encode_payload()) == msg
     frame = encode_frame(msg, 42, KEY)
-    hdr = frames.parse_header(frame[:frames.HEADER_LEN])
+    hdr = frames.parse_header(frame[:wire.HEADER_LEN])
     assert (hdr.type, hdr.counter, hdr.length) == (msg.TYPE, 42, len(frame) - 20 - 16)
     frames.verify_tag(KEY, frame[:20], frame[20:-16], frame[-16:])
 
@@ -512,7 +510,7 @@ def test_oversized_length_closes_before_reading_body() -> None:
     run(main())
 
 
-@pytest.mark.parametrize("length", [0xFFFFFFFF, MAX_PAYLOAD + 1, frames.MAX_HANDSHAKE_PAYLOAD + 1])
+@pytest.mark.parametrize("length", [0xFFFFFFFF, MAX_PAYLOAD + 1, wire.MAX_HANDSHAKE_PAYLOAD + 1])
 def test_oversized_length_during_handshake(length: int) -> None:
     """Before authentication even the 1 MiB frame limit is too generous: 4 KiB is the cap."""
     async def main() -> None:
@@ -575,7 +573,7 @@ def test_unknown_message_types() -> None:
     async def main() -> None:
         client, srv, stack = await pair()
         async with stack:
-            await client.send(_Future(b"skip me"), flags=frames.FLAG_IGNORABLE)
+            await client.send(_Future(b"skip me"), flags=wire.FLAG_IGNORABLE)
             await client.send(Ack(9))
             assert await srv.recv() == Ack(9)
             await client.send(_Future(b"must understand"))

@@ -19,29 +19,23 @@ from nftsync.proto import frames
 from nftsync.proto.auth import KeyFileError, parse_key_text
 from nftsync.proto.channel import Channel, Identity
 from nftsync.proto.frames import (
-    HEADER,
-    MAGIC,
-    MAX_PAYLOAD,
     MESSAGE_CLASSES,
     Ack,
     Auth,
     AuthOk,
-    ConnectionClosed,
-    ConntrackRecord,
     Heartbeat,
     Hello,
-    ProtocolError,
     Refuse,
     ResyncRequest,
-    SessionRecord,
     SnapshotBegin,
     SnapshotChunk,
     SnapshotEnd,
     Updates,
     decode_payload,
-    decode_records,
     encode_frame,
 )
+from nftsync.proto.records import ConntrackRecord, SessionRecord, decode_records
+from nftsync.proto.wire import HEADER, MAGIC, MAX_PAYLOAD, ConnectionClosed, ProtocolError
 
 KEY = bytes.fromhex("5a" * 32)
 FAST = settings(max_examples=300, deadline=None)

@@ -116,7 +116,7 @@ def demote(as_json: bool) -> None:
 @json_option
 @handle_errors
 def show(farm: str | None, limit: int, as_json: bool) -> None:
-    """The daemon's in-memory mirror: replicated sessions per farm, conntrack entry count."""
+    """The daemon's replica (its in-memory copy): sessions per farm, conntrack entry count."""
     path, timeout = _obj()
     args: dict[str, Any] = {"limit": limit}
     if farm:

@@ -11,7 +11,7 @@ see `SetElemError`), so a refusal costs about what an acceptance costs, never on
 per element:
 * the map is full (ENFILE at add #i): everything before #i fitted, so the adds after it that
   need a new slot are refused at once, and the rest is sent again (two transactions in all);
-* the mirror was wrong about the kernel (the packet path added a key we had not heard of, the
+* the replica was wrong about the kernel (the packet path added a key we had not heard of, the
   kernel expired one: EEXIST on an add, ENOENT on a delete): that element is corrected (delete +
   add, or a plain add) and the batch is sent again;
 * the table or the set does not exist: the whole batch is refused;
@@ -197,7 +197,7 @@ class NftSink:
 
     def _supersede(self, rmap: ReplicatedMap, ops: list[ElementOp]) -> list[ElementOp]:
         """Newer ops replace waiting ones of the same key (a delete cancels it); the kernel does
-        not hold a waiting key, whatever the mirror believes, so its new op is a plain add."""
+        not hold a waiting key, whatever the replica believes, so its new op is a plain add."""
         with self._lock:
             st = self._maps.get(rmap.smap.ref)
             if st is None or not st.waiting:

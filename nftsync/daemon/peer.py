@@ -7,7 +7,7 @@ deleted), ACKs cumulatively, and asks for a new snapshot on a gap.
 
 The send queue coalesces by key (a session refreshed ten times before the batch leaves is sent
 once) and is bounded: on overflow it is dropped and a snapshot is scheduled instead, since the
-mirror still holds everything; the seq numbers skip so the receiver sees the gap too.
+replica still holds everything; the seq numbers skip so the receiver sees the gap too.
 """
 
 from __future__ import annotations

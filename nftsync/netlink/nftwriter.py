@@ -4,7 +4,7 @@ Why: the daemon's replication sink used to send nft *text* through libnftables, 
 evaluates and serialises every element in C but still tops out at ~70-90k elements/s in the
 writer thread (the 1M-session resync bottleneck). The kernel needs much less than nft does: a
 batch of NFT_MSG_DELSETELEM / NFT_MSG_NEWSETELEM messages whose elements are already in the
-kernel's byte layout, which is exactly what the daemon's mirror holds.
+kernel's byte layout, which is exactly what the daemon's replica holds.
 
 A call to `SetElemWriter.apply` is one nf_tables transaction, like one libnftables command
 buffer: NFNL_MSG_BATCH_BEGIN, all deletes, then all adds, NFNL_MSG_BATCH_END, in one sendmsg.

@@ -6,7 +6,7 @@ machine: docs/kernels.md); reads are JSON. A key that already exists with anothe
 be re-added (EEXIST), and before kernel 6.12 re-adding one with the same value does not refresh
 its expiry, so replacing an entry is always "delete + add" inside one transaction, except on
 kernels that refresh in place. Deletes of absent keys would fail the whole transaction, so
-callers say which keys exist (the daemon knows from its mirror), or try and fall back
+callers say which keys exist (the daemon knows from its replica), or try and fall back
 (`replace`).
 nft 1.0.6 prints `get element` as text even in JSON mode, so single lookups are not used.
 """

@@ -29,6 +29,7 @@ from .farms import ReplicatedMap
 from .learn import Learner
 from .legacy import LegacyMap
 from .links import Links
+from .loopwatch import LoopWatch
 from .replicator import Replicator
 
 log = logging.getLogger("nftsync.daemon")
@@ -51,6 +52,7 @@ class Daemon:
                            self.replicator, self._stop)
         self.learner = Learner(self.replicator, self.links)
         self.expired = 0
+        self.loop_watch = LoopWatch()
         self._last_full_gc = time.monotonic()
         self._capped_seen = 0  # replica.capped at the last warning (one line a second at most)
         self._tasks: list[asyncio.Task] = []
@@ -73,6 +75,7 @@ class Daemon:
                      cfg.listen_port, self.role, len(self.replicator.view.farms),
                      len(cfg.peers))
             self._tasks.append(asyncio.create_task(self._housekeeping()))
+            self._tasks.append(asyncio.create_task(self.loop_watch.run()))
             await self._stop.wait()
         finally:
             log.info("stopping")
@@ -191,6 +194,7 @@ class Daemon:
             "events": {"conntrack": _stats(self.learner.ct_stats),
                        "nftables": _stats(self.learner.nft_stats)},
             "peers": {lk.name: lk.as_dict() for lk in self.links.all()},
+            "loop": self.loop_watch.as_dict(),  # how long the event loop could not run
             "last_error": r.last_error,
         }
 

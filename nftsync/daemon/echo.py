@@ -1,8 +1,9 @@
 """Our own transactions' events, dropped in the kernel: a classic BPF filter by port id.
 
-Every nf_tables notification carries the port id of the socket whose transaction caused it;
-the daemon's event socket drops the echo of its own writes with this filter instead of
-decoding them (1M elements written = 1M events). Also how the port id of a libnftables
+Every nf_tables notification carries the port id of the socket whose transaction caused it, and
+so does every ctnetlink event of a change made over ctnetlink; the daemon's event sockets drop
+the echo of its own writes with this filter instead of reading and decoding them (1M elements or
+entries written = 1M events). Also how the port id of a libnftables
 context's socket is found (libnftables does not expose its socket).
 """
 

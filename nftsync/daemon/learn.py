@@ -67,6 +67,7 @@ class Learner:
         self._nft_events: NftEventSocket | None = None
         self._assembler = TransactionAssembler()
         self._echo_filter: object | None = None  # BPF program dropping our own nft events
+        self._ct_echo_filter: object | None = None  # ... and our own conntrack writes' events
 
     # == sockets ==============================================================================
     def open(self) -> None:
@@ -80,6 +81,11 @@ class Learner:
             marks=frozenset(self.replicator.view.marks),
             ignore_portids={ct_sink.portid} if ct_sink is not None else set(),
             rcvbuf=self.replicator.config.event_buffer)
+        if ct_sink is not None:
+            # Our own conntrack writes (what peers sent) raise events too: drop them in the
+            # kernel, not after reading and decoding them (the filter in Python stays as a
+            # second line).
+            self._ct_echo_filter = attach_echo_filter(self._ct_events.fileno(), ct_sink.portid)
         self._nft_events = NftEventSocket()
         if sink.portid is not None:
             self._echo_filter = attach_echo_filter(self._nft_events.fileno(), sink.portid)

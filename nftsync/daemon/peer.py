@@ -241,6 +241,9 @@ class PeerLink:
                 await self._send_snapshot(ch)
                 last_tx = time.monotonic()
             if self.pending and len(self.sent_at) < MAX_UNACKED_FRAMES:
+                # We were woken by the first record queued since the last batch; everything
+                # learned in that loop tick is queued by now. An optional wait makes batches
+                # bigger at the cost of latency (off by default).
                 if cfg.batch_delay and len(self.pending) < cfg.batch_records:
                     await asyncio.sleep(cfg.batch_delay)
                 await self._send_updates(ch)

@@ -34,6 +34,7 @@ rather than repaired afterwards:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -166,7 +167,7 @@ class Replica:
         table = self.sessions[map_id]
         cur = table.get(key)
         if (cur is not None and cur.value == mark) or \
-                not table.beats(key, updated_ms, UNVERIFIED, mark):
+                not table.beats(key, updated_ms, UNVERIFIED, mark, -math.inf):
             return False
         table.put(key, Entry(mark, expires_at, updated_ms, UNVERIFIED))
         return True
@@ -249,9 +250,9 @@ class Replica:
         if r.op == OP_ADD and r.mark not in pol.marks:
             return "unknown_backend"
         table = self.sessions[r.map_id]
-        if not table.beats(key, r.updated_ms, r.origin, r.mark if r.op == OP_ADD else None):
+        if not table.beats(key, r.updated_ms, r.origin, r.mark if r.op == OP_ADD else None, now):
             return ""
-        live = table.get(key)
+        live = table.current(key, now)
         old = live.value if live is not None else None
         if r.op == OP_DELETE:
             table.bury(key, old, r.updated_ms, r.origin, now)
@@ -279,9 +280,10 @@ class Replica:
             return "foreign_mark"
         table = self.conntrack
         key = ct.key
-        if not table.beats(key, r.updated_ms, r.origin, ct if r.op == OP_UPSERT else None):
+        if not table.beats(key, r.updated_ms, r.origin, ct if r.op == OP_UPSERT else None,
+                           now):
             return ""
-        live = table.get(key)
+        live = table.current(key, now)
         if r.op == OP_DELETE:
             table.bury(key, ct, r.updated_ms, r.origin, now)
             if live is not None:

@@ -15,6 +15,7 @@ Nothing here does I/O or reads a clock: callers pass `now` (monotonic seconds) a
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -77,8 +78,13 @@ class Table:
         self.live: dict[object, Entry] = {}
         self.dead: dict[object, Entry] = {}  # insertion order = age: the oldest goes first
         self.per_origin: dict[int, int] = {}
-        self._sweep_keys: list[object] | None = None
-        self._sweep_pos = 0
+        # Expiry by time buckets: second -> keys whose entry or tombstone was set to expire in
+        # that second, and a heap of those seconds. A sweep pops only what is due instead of
+        # scanning the table (a 10k-key scan slice every 0.2 s stalled the loop ~2.5 ms; the
+        # key list of a pass over 1M entries took longer). A refreshed key is in several
+        # buckets: the ones before its current expiry find it alive and skip it.
+        self._due: dict[int, list[object]] = {}
+        self._seconds: list[int] = []
 
     def __len__(self) -> int:
         return len(self.live)
@@ -91,13 +97,24 @@ class Table:
         e = self.live.get(key)
         return e if e is not None else self.dead.get(key)
 
-    def beats(self, key: object, updated_ms: int, origin: int, value: object) -> bool:
-        """Whether a change (value None: a deletion) wins over what we hold for `key`."""
+    def current(self, key: object, now: float) -> Entry | None:
+        """The live entry of `key` unless its time is past (the kernel has dropped it; the
+        sweep forgets it within a second)."""
         e = self.live.get(key)
+        if e is None or (e.expires_at is not None and e.expires_at <= now):
+            return None
+        return e
+
+    def beats(self, key: object, updated_ms: int, origin: int, value: object,
+              now: float) -> bool:
+        """Whether a change (value None: a deletion) wins over what we hold for `key`; what
+        has expired, entry or tombstone, holds nothing."""
+        e = self.current(key, now)
         if e is not None:
             return newer(updated_ms, origin, value, e.updated_ms, e.origin, e.value)
         t = self.dead.get(key)
-        return t is None or newer(updated_ms, origin, value, t.updated_ms, t.origin, None)
+        return t is None or (t.expires_at is not None and t.expires_at <= now) or \
+            newer(updated_ms, origin, value, t.updated_ms, t.origin, None)
 
     def is_dead(self, key: object) -> bool:
         return key in self.dead
@@ -112,6 +129,8 @@ class Table:
             self.dead.pop(key, None)
         self.live[key] = e
         self._count(e.origin, 1)
+        if e.expires_at is not None:
+            self._schedule(key, e.expires_at)
         return e
 
     def bury(self, key: object, value: object, updated_ms: int, origin: int, now: float,
@@ -123,6 +142,7 @@ class Table:
         self.dead.pop(key, None)  # re-inserted: it is now the youngest
         t = Entry(value, now + (self.tomb_s if keep_s is None else keep_s), updated_ms, origin)
         self.dead[key] = t
+        self._schedule(key, t.expires_at)  # type: ignore[arg-type]
         while len(self.dead) > self.capacity:
             del self.dead[next(iter(self.dead))]
         return t
@@ -146,36 +166,34 @@ class Table:
             self.per_origin.pop(origin, None)
 
     # -- expiry ----------------------------------------------------------------------------------
-    def sweep_expired(self, now: float, budget: int) -> int:
-        """Forget entries and tombstones past their time, `budget` keys per call.
-
-        Incremental over a key list taken at the start of a pass, so a 1M table never stalls the
-        caller; an entry is forgotten at most one pass late, and is never sent once past its
-        expiry (`items` skips it).
-        """
-        keys = self._sweep_keys
-        if keys is None:
-            if not self.live and not self.dead:
-                return 0
-            keys = self._sweep_keys = [*self.live, *self.dead]
-            self._sweep_pos = 0
-        start = self._sweep_pos
-        end = min(len(keys), start + budget)
-        live, dead = self.live, self.dead
-        n = 0
-        for i in range(start, end):
-            k = keys[i]
-            e = live.get(k)
-            if e is not None and e.expires_at is not None and e.expires_at <= now:
-                self.drop(k)
-                n += 1
-            t = dead.get(k)
-            if t is not None and t.expires_at is not None and t.expires_at <= now:
-                del dead[k]
-        if end >= len(keys):
-            self._sweep_keys = None
+    def _schedule(self, key: object, expires_at: float) -> None:
+        sec = int(expires_at)
+        bucket = self._due.get(sec)
+        if bucket is None:
+            self._due[sec] = [key]
+            heapq.heappush(self._seconds, sec)
         else:
-            self._sweep_pos = end
+            bucket.append(key)
+
+    def sweep_expired(self, now: float, budget: int) -> int:
+        """Forget entries and tombstones whose time is past, looking at about `budget` keys
+        (whole buckets of one second, so at least one bucket), so a sweep never stalls the
+        caller however big the table is. An entry is forgotten within a second of its expiry,
+        and is never sent once past it (`items` skips it)."""
+        live, dead, due, seconds = self.live, self.dead, self._due, self._seconds
+        n = looked = 0
+        while seconds and seconds[0] + 1 <= now and (looked == 0 or
+                                                     looked + len(due[seconds[0]]) <= budget):
+            keys = due.pop(heapq.heappop(seconds))
+            looked += len(keys)
+            for k in keys:
+                e = live.get(k)
+                if e is not None and e.expires_at is not None and e.expires_at <= now:
+                    self.drop(k)
+                    n += 1
+                t = dead.get(k)
+                if t is not None and t.expires_at is not None and t.expires_at <= now:
+                    del dead[k]
         return n
 
     def items(self, now: float) -> Iterator[tuple[object, Entry, bool]]:

@@ -180,7 +180,8 @@ class Daemon:
     def stats(self) -> dict:
         r = self.replicator
         counters = {**self.learner.counters, "auth_failures": self.links.auth_failures,
-                    "expired": self.expired, "farm_reloads": r.farm_reloads}
+                    "expired": self.expired, "farm_reloads": r.farm_reloads,
+                    "ct_mark_conflicts": self.replica.ct_mark_conflicts}
         return {
             "counters": counters,
             "refused": dict(self.replica.refused),  # peer records refused, by cause

@@ -58,7 +58,7 @@ class Learner:
         self.counters: dict[str, int] = {
             "ct_events": 0, "nft_events": 0, "ct_overruns": 0, "nft_overruns": 0,
             "reconciles": 0, "learned_sessions": 0, "learned_conntrack": 0,
-            "admin_changes": 0, "ct_mark_conflicts": 0,
+            "admin_changes": 0,
         }
         self.reload_farms = False  # set by nft events of tables/sets and by a config reload
         self._reconcile_ct = False
@@ -241,11 +241,10 @@ class Learner:
         replica = self.replica
         table = self.replica.conntrack
         by_mark = self.replicator.view.by_mark
-        sessions = self.replica.sessions
         replicate_ct = self.replicator.config.conntrack
         links = self.links.all()
         new_ev, destroy_ev, tcp = CtEvent.NEW, CtEvent.DESTROY, socket.IPPROTO_TCP
-        learned_sessions = learned_ct = conflicts = 0
+        learned_sessions = learned_ct = 0
         self.counters["ct_events"] += len(events)
         for ev, ct in events:
             if ev == new_ev:
@@ -254,21 +253,14 @@ class Learner:
                     key = recipe.key(ct, rmap.smap.key_type) if recipe is not None else None
                     if key is None:
                         continue
-                    map_id = rmap.map_id
-                    cur = sessions[map_id].live.get(key)
-                    if cur is not None and cur.value != ct.mark and \
-                            (cur.expires_at is None or cur.expires_at > now):
-                        # The packet path updates the map with the connection's mark, so a
-                        # NEW entry that contradicts a live session did not come from it (it
-                        # was inserted): the map, which we hold, stays the truth.
-                        conflicts += 1
-                        continue
                     timeout = rmap.smap.timeout
-                    rec = replica.local_session(map_id, key, ct.mark, now + timeout
-                                                if timeout else None, now, wall)
+                    rec = replica.session_from_ct(rmap.map_id, key, ct.mark, now + timeout
+                                                  if timeout else None, now, wall)
+                    if rec is None:
+                        continue
                     learned_sessions += 1
                     for link in links:
-                        link.enqueue((map_id, key), rec)
+                        link.enqueue((rec.map_id, key), rec)
             if not replicate_ct:
                 continue
             if ev == destroy_ev:
@@ -288,7 +280,6 @@ class Learner:
                     link.enqueue(qkey, rec)
         self.counters["learned_sessions"] += learned_sessions
         self.counters["learned_conntrack"] += learned_ct
-        self.counters["ct_mark_conflicts"] += conflicts
 
     def _on_nft_events(self) -> None:
         sock = self._nft_events

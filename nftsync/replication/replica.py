@@ -112,6 +112,7 @@ class Replica:
         self.conntrack = Table(CT_TABLE, ct_capacity, TOMBSTONE_MIN_S)
         self.refused: dict[str, int] = {}
         self.capped = 0  # session records whose expiry was cut to the map's timeout
+        self.ct_mark_conflicts = 0  # conntrack NEWs that contradicted a live session
 
     # -- configuration ---------------------------------------------------------------------------
     def set_maps(self, policies: dict[str, MapPolicy], ct_marks: Iterable[int]) -> None:
@@ -158,6 +159,18 @@ class Replica:
                        self._stamp(table, key, wall), self.node_id, now)
         return SessionRecord(OP_DELETE, map_id, key, 0, 0, t.updated_ms, self.node_id)
 
+    def session_from_ct(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
+                        now: float, wall: int) -> SessionRecord | None:
+        """A conntrack NEW with this mark: the packet path has just updated the session map
+        with it (and raises no event of its own), so it is the session's refresh; None when a
+        live session says another backend. Such an entry was inserted (conntrack -I), not made
+        by the packet path, and the map, which we hold, stays the truth (one truth per node)."""
+        cur = self.sessions[map_id].current(key, now)
+        if cur is not None and cur.value != mark:
+            self.ct_mark_conflicts += 1
+            return None
+        return self.local_session(map_id, key, mark, expires_at, now, wall)
+
     def found_session(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
                       refreshed_ms: int) -> bool:
         """An element found in the kernel at start-up, last refreshed (as far as its expiry
@@ -175,8 +188,11 @@ class Replica:
     def _wire_ms(self, map_id: str, e: Entry, now: float) -> int:
         pol = self.policies.get(map_id)
         ms = e.remaining_ms(now)
-        if pol is None:
-            return min(ms, MAX_REMAINING_MS)
+        return min(ms, MAX_REMAINING_MS) if pol is None else self._cap_ms(pol, ms)
+
+    def _cap_ms(self, pol: MapPolicy, ms: int) -> int:
+        """The expiry a session of this map may carry, sent or received: none for a pin, at
+        most the map's timeout otherwise (0, "no timeout", in a timed map means the timeout)."""
         if pol.static:
             return 0
         if ms == 0 or ms > pol.max_ms:
@@ -261,12 +277,7 @@ class Replica:
             return ""
         if (live is None or live.origin != r.origin) and table.full_for(r.origin):
             return "origin_full"
-        ms = r.remaining_ms
-        if pol.static:
-            ms = 0
-        elif ms == 0 or ms > pol.max_ms:
-            self.capped += ms > pol.max_ms
-            ms = pol.max_ms
+        ms = self._cap_ms(pol, r.remaining_ms)
         table.put(key, Entry(r.mark, now + ms / 1000 if ms else None, r.updated_ms, r.origin))
         out.sessions.setdefault(r.map_id, []).append(ElementOp(key, r.mark, ms, old))
         return ""

@@ -198,9 +198,7 @@ class Cluster:
         if r is None:
             return
         wall = self.wall(node)
-        live = r.sessions[MAP].get(client)
-        if live is None or live.value == mark or (live.expires_at or 0) <= self.now:
-            self.send(node, r.local_session(MAP, client, mark, self.now + T, self.now, wall))
+        self.send(node, r.session_from_ct(MAP, client, mark, self.now + T, self.now, wall))
         self.send(node, r.local_ct(entry, self.now + CT_T, self.now, wall))
 
     def admin_add(self, node: Node, client: bytes, mark: int) -> None:

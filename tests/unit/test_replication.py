@@ -202,3 +202,16 @@ def test_snapshot_skips_expired_and_sends_remaining_time() -> None:
     r.local_session(MAP, B, 0x200, 100.0, 0, WALL)
     recs = flat(r, 50.0)
     assert [(x.key, x.remaining_ms) for x in recs] == [(B, 50_000)]
+
+
+def test_a_conntrack_entry_does_not_overrule_a_live_session() -> None:
+    """Reproduction 5: an inserted entry whose mark contradicts the session leaves it as it is
+    (the packet path would have used the session's mark); after expiry it is a new session."""
+    r = replica(1)
+    r.local_session(MAP, A, 0x201, 594.0, 0, WALL)
+    assert r.session_from_ct(MAP, A, 0x200, 120.0, 1, WALL + 1000) is None
+    assert r.sessions[MAP].get(A).value == 0x201 and r.ct_mark_conflicts == 1
+    rec = r.session_from_ct(MAP, A, 0x201, 121.0, 1, WALL + 1000)  # a refresh agrees
+    assert rec is not None and rec.mark == 0x201
+    rec = r.session_from_ct(MAP, A, 0x200, 800.0, 600, WALL + 600_000)  # after its expiry
+    assert rec is not None and r.sessions[MAP].get(A).value == 0x200

@@ -5,10 +5,12 @@ in network namespaces of its own (root). Slow soak/scale tests run only with NFT
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # builders: test data for unit and kernel tests
 KERNEL = Path(__file__).parent / "kernel"
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import netns
 import pytest
+from builders import LEGACY_BACKENDS, LEGACY_VIP, LEGACY_VPORT, legacy_farm_dict
 
 from nftsync.compat.iptables import (
     IptablesRunner,
@@ -30,19 +31,8 @@ from nftsync.compat.xtrecent import XtRecentTable, parse_proc, tables
 
 # iptables-legacy in the VM (tests/kernel/vm), the host's iptables (-nft on Debian 12) otherwise.
 IPTABLES = os.environ.get("NFTSYNC_IPTABLES", "iptables")
-VIP, VPORT = "10.77.9.100", 8080
-BACKENDS = {0x200: "10.77.2.10", 0x201: "10.77.2.11"}
+VIP, VPORT, BACKENDS = LEGACY_VIP, LEGACY_VPORT, LEGACY_BACKENDS
 CLIENTS = ["10.77.1.2", "10.77.1.3", "10.77.1.4", "10.77.1.5"]
-
-
-def farm_dict(**over: object) -> dict:
-    farm = {
-        "name": "lab", "vip": VIP, "proto": "tcp", "ports": [VPORT],
-        "persistence_seconds": 120, "mask": "255.255.255.255",
-        "backends": [{"mark": m, "address": f"{a}:80"} for m, a in BACKENDS.items()],
-    }
-    farm.update(over)
-    return {"farm": farm}
 
 
 # -- description ------------------------------------------------------------------------------
@@ -129,7 +119,7 @@ def _table(legacy_lab: LegacyLab, mark: int) -> list:
 
 
 def test_legacy_farm_traffic_persistence_and_adapter(legacy_lab: LegacyLab) -> None:
-    farm: LegacyFarm = parse_farm(farm_dict())
+    farm: LegacyFarm = parse_farm(legacy_farm_dict())
     runner = IptablesRunner(iptables=IPTABLES, netns=legacy_lab.lb)
     apply_farm(farm, runner)
     apply_farm(farm, runner)  # idempotent: one jump, same chain
@@ -201,7 +191,7 @@ def test_cli_rules_apply_and_remove(ns: str, tmp_path) -> None:
     from pathlib import Path
     exe = str(Path(sys.executable).with_name("nftsync"))
     f = tmp_path / "farm.json"
-    f.write_text(json.dumps(farm_dict()))
+    f.write_text(json.dumps(legacy_farm_dict()))
     r = netns.run(ns, exe, "compat", "rules", str(f), "--apply", "--json", check=False)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)

@@ -16,6 +16,7 @@ import time
 
 import netns
 import pytest
+from builders import make_entries
 
 from nftsync.conntrack import (
     IPPROTO_UDP,
@@ -63,19 +64,6 @@ def conntrack_list(ns: str, *args: str) -> list[dict]:
 
 def addr(ip: bytes) -> str:
     return str(ipaddress.ip_address(ip))
-
-
-def make_entries(n: int, mark_of=lambda i: 0x200 + i % 3, timeout: int = 600,
-                 v6: bool = False) -> list[CtEntry]:
-    out = []
-    for i in range(n):
-        if v6:
-            client, vip, backend = f"2001:db8:1::{i + 1:x}", "2001:db8::100", "2001:db8:2::1"
-        else:
-            client, vip, backend = f"10.1.{i >> 8}.{i & 255}", "10.0.0.100", f"10.0.1.{1 + i % 4}"
-        out.append(CtEntry.make(client, 20000 + i, vip, 80, backend, 8080, mark=mark_of(i),
-                                timeout=timeout))
-    return out
 
 
 def expected_row(e: CtEntry) -> tuple:

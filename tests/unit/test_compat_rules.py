@@ -4,6 +4,7 @@ through them: tests/kernel/test_compat_iptables.py)."""
 from __future__ import annotations
 
 import pytest
+from builders import LEGACY_BACKENDS, LEGACY_VIP, LEGACY_VPORT, legacy_farm_dict
 
 from nftsync.compat.iptables import (
     FarmError,
@@ -12,24 +13,13 @@ from nftsync.compat.iptables import (
     restore_text,
 )
 
-VIP, VPORT = "10.77.9.100", 8080
-BACKENDS = {0x200: "10.77.2.10", 0x201: "10.77.2.11"}
-
-
-def farm_dict(**over: object) -> dict:
-    farm = {
-        "name": "lab", "vip": VIP, "proto": "tcp", "ports": [VPORT],
-        "persistence_seconds": 120, "mask": "255.255.255.255",
-        "backends": [{"mark": m, "address": f"{a}:80"} for m, a in BACKENDS.items()],
-    }
-    farm.update(over)
-    return {"farm": farm}
+VIP, VPORT, BACKENDS = LEGACY_VIP, LEGACY_VPORT, LEGACY_BACKENDS
 
 
 # -- description ------------------------------------------------------------------------------
 
 def test_rules_follow_the_seed() -> None:
-    farm = parse_farm(farm_dict())
+    farm = parse_farm(legacy_farm_dict())
     text = restore_text(farm)
     assert ("-A FARM_lab -d 10.77.9.100/32 -p tcp -m multiport --dports 8080 -m recent --rcheck "
             "--seconds 120 --name _lab_0x200_sessions --mask 255.255.255.255 --rsource -j MARK "
@@ -63,7 +53,7 @@ def test_rules_follow_the_seed() -> None:
 ])
 def test_bad_descriptions_are_clear_errors(over: dict, msg: str) -> None:
     with pytest.raises(FarmError, match=msg):
-        parse_farm(farm_dict(**over), "farm.toml")
+        parse_farm(legacy_farm_dict(**over), "farm.toml")
 
 
 def test_example_file_loads() -> None:

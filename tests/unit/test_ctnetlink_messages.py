@@ -8,6 +8,7 @@ import contextlib
 import struct
 
 import pytest
+from builders import make_entries
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,19 +28,6 @@ from nftsync.netlink.ctnetlink import (
     parse_messages,
 )
 from nftsync.proto.conntrack import CT_ENTRY_SIZE, CtFormatError, decode_ct, encode_ct
-
-
-def make_entries(n: int, mark_of=lambda i: 0x200 + i % 3, timeout: int = 600,
-                 v6: bool = False) -> list[CtEntry]:
-    out = []
-    for i in range(n):
-        if v6:
-            client, vip, backend = f"2001:db8:1::{i + 1:x}", "2001:db8::100", "2001:db8:2::1"
-        else:
-            client, vip, backend = f"10.1.{i >> 8}.{i & 255}", "10.0.0.100", f"10.0.1.{1 + i % 4}"
-        out.append(CtEntry.make(client, 20000 + i, vip, 80, backend, 8080, mark=mark_of(i),
-                                timeout=timeout))
-    return out
 
 
 # --- pure codec ----------------------------------------------------------------------------------

@@ -38,14 +38,6 @@ class SinkStats:
     recovered: int = 0  # refused changes that a retry wrote
 
 
-def _count(stats: SinkStats, cause: str, n: int = 1) -> None:
-    refused = stats.refused
-    if cause in refused:
-        refused[cause] += n  # same size: a concurrent reader's iteration stays valid
-    else:
-        stats.refused = {**refused, cause: n}
-
-
 class KernelTarget(Protocol[Op]):
     """Something in the kernel that replicated changes are written into."""
 

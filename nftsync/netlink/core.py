@@ -37,7 +37,6 @@ NETLINK_NETFILTER = 12
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_DROP_MEMBERSHIP = 2
 NETLINK_NO_ENOBUFS = 5
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
@@ -143,10 +142,6 @@ def nla_be32(attr_type: int, value: int) -> bytes:
     return nla(attr_type, value.to_bytes(4, "big"))
 
 
-def nla_be64(attr_type: int, value: int) -> bytes:
-    return nla(attr_type, value.to_bytes(8, "big"))
-
-
 def nla_str(attr_type: int, value: str) -> bytes:
     """NUL-terminated string attribute (NLA_NUL_STRING / NLA_STRING both accept it)."""
     return nla(attr_type, value.encode() + b"\0")
@@ -223,18 +218,6 @@ def iter_attrs(
             return
         yield atype & NLA_TYPE_MASK, bool(atype & NLA_F_NESTED), mv[off + 4 : off + length]
         off += (length + 3) & ~3
-
-
-def attr_table(mv: memoryview | bytes | bytearray, maxtype: int) -> list[memoryview | None]:
-    """Index attributes by type (like the kernel's nla_parse): table[type] = payload or None.
-
-    Types above `maxtype` are ignored; for a duplicated type the last one wins.
-    """
-    table: list[memoryview | None] = [None] * (maxtype + 1)
-    for atype, _nested, payload in iter_attrs(mv):
-        if atype <= maxtype:
-            table[atype] = payload
-    return table
 
 
 NLMSGERR_ATTR_MSG = 1  # extended ACK: the kernel's error string
@@ -336,9 +319,6 @@ class NetlinkSocket:
 
     def add_membership(self, group: int) -> None:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-
-    def drop_membership(self, group: int) -> None:
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
 
     def fileno(self) -> int:
         return self.sock.fileno()

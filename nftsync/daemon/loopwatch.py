@@ -22,6 +22,7 @@ class LoopWatch:
         self.samples = 0
         self.max_ms = 0.0
         self.total_ms = 0.0
+        self.started = time.monotonic()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -51,7 +52,4 @@ class LoopWatch:
         return {"interval_ms": self.interval * 1000, "samples": self.samples,
                 "max_ms": round(self.max_ms, 3), "sum_ms": round(self.total_ms, 3),
                 "le_ms": cumulative, "over_2ms": self.samples - cumulative["2"],
-                "since_s": round(time.monotonic() - _STARTED, 1)}
-
-
-_STARTED = time.monotonic()
+                "since_s": round(time.monotonic() - self.started, 1)}

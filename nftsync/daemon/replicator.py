@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from nftsync.errors import NftsyncError
 from nftsync.nft import Nft
 from nftsync.proto import MAX_REMAINING_MS, Record
-from nftsync.replication import MapPolicy, Replica
+from nftsync.replication import DEFAULT_CAPACITY, MapPolicy, Replica
 from nftsync.ruleset import current_farms
 
 from .clock import now_ms
@@ -30,8 +30,6 @@ from .target import SessionTarget
 from .writer import KernelWriter
 
 log = logging.getLogger("nftsync.daemon")
-
-DEFAULT_CAPACITY = 1 << 22  # bound per origin for a map without `size` (the kernel has none)
 
 
 class Replicator:

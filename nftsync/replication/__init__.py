@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from nftsync.replication.replica import (
     CT_TABLE,
+    DEFAULT_CAPACITY,
     FOUND_CT_MS,
     FOUND_PENALTY_MS,
     MAX_FUTURE_MS,
@@ -20,5 +21,5 @@ from nftsync.replication.replica import (
 )
 from nftsync.replication.table import UNVERIFIED, Entry, Table, newer
 
-__all__ = ["CT_TABLE", "FOUND_CT_MS", "FOUND_PENALTY_MS", "MAX_FUTURE_MS", "UNVERIFIED",
-           "ElementOp", "Entry", "MapPolicy", "Replica", "Table", "Writes", "newer"]
+__all__ = ["CT_TABLE", "DEFAULT_CAPACITY", "FOUND_CT_MS", "FOUND_PENALTY_MS", "MAX_FUTURE_MS",
+           "UNVERIFIED", "ElementOp", "Entry", "MapPolicy", "Replica", "Table", "Writes", "newer"]

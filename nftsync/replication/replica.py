@@ -61,6 +61,7 @@ FOUND_CT_MS = 1  # "long ago": the time of a conntrack entry found in the kernel
 # the kernel implies: expiry minus timeout): any change a peer saw live in the meantime wins over
 # it, and found sessions still order among themselves (the most recently refreshed wins).
 FOUND_PENALTY_MS = 24 * 3600 * 1000
+DEFAULT_CAPACITY = 1 << 22  # live entries per origin where nothing smaller is known
 SWEEP_BUDGET = 10_000  # keys looked at per sweep slice (~2.5 ms)
 
 
@@ -104,7 +105,7 @@ class Writes:
 class Replica:
     """Everything one node replicates: one Table per session map, one for conntrack."""
 
-    def __init__(self, node_id: int, ct_capacity: int = 1 << 22) -> None:
+    def __init__(self, node_id: int, ct_capacity: int = DEFAULT_CAPACITY) -> None:
         self.node_id = node_id
         self.policies: dict[str, MapPolicy] = {}
         self.sessions: dict[str, Table] = {}

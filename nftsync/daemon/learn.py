@@ -163,8 +163,7 @@ class Learner:
                 else:
                     rec = replica.local_session(map_id, ch.key, ch.mark, expires, now, wall)
                     self.counters["learned_sessions"] += 1
-                if rec is not None:
-                    self.links.enqueue(rec)
+                self.links.enqueue(rec)
 
     def initial_dump(self) -> None:
         """The only full read of the kernel. What is there has no known author: it fills what
@@ -203,8 +202,8 @@ class Learner:
                 continue
             cur = table.get(key)
             if cur is None or cur.value != s.mark:
-                self.links.enqueue(replica.local_session(rmap.map_id, key, s.mark, expires, now,
-                                                    wall))
+                rec = replica.local_session(rmap.map_id, key, s.mark, expires, now, wall)
+                self.links.enqueue(rec)
         log.info("map %s: %d element(s) read", rmap.smap.ref, n)
         return n
 

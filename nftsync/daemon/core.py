@@ -230,7 +230,7 @@ class Daemon:
                 continue
             table = self.replica.sessions[target.map_id]
             rows = []
-            for key, e in table.live.items():
+            for key, e in table.entries():
                 if len(rows) >= limit:
                     break
                 rows.append({"client": target.key_text(key), "backend": f"{e.value:#x}",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import sys
 import time
 
@@ -35,6 +34,7 @@ from nftsync.netlink.nftables import (
     Transaction,
     TransactionAssembler,
 )
+from nftsync.proto.conntrack import ct_key, ct_state_bytes, encode_ct
 from nftsync.replication import FOUND_CT_MS
 from nftsync.tables.nftmap import NftSessionMap
 
@@ -42,7 +42,6 @@ from .clock import now_ms
 from .echo import attach_echo_filter, detach_echo_filter
 from .farms import ReplicatedMap
 from .links import Links
-from .peer import record_key
 from .replicator import Replicator
 
 log = logging.getLogger("nftsync.daemon")
@@ -238,11 +237,10 @@ class Learner:
         now = time.monotonic()
         wall = now_ms()
         replica = self.replica
-        table = self.replica.conntrack
         by_mark = self.replicator.view.by_mark
         replicate_ct = self.replicator.config.conntrack
         links = self.links.all()
-        new_ev, destroy_ev, tcp = CtEvent.NEW, CtEvent.DESTROY, socket.IPPROTO_TCP
+        new_ev, destroy_ev = CtEvent.NEW, CtEvent.DESTROY
         learned_sessions = learned_ct = 0
         self.counters["ct_events"] += len(events)
         for ev, ct in events:
@@ -263,18 +261,14 @@ class Learner:
             if not replicate_ct:
                 continue
             if ev == destroy_ev:
-                rec = replica.local_ct_destroy(ct, now, wall)
+                rec = replica.local_ct_destroy(ct_key(ct), now, wall)
                 if rec is not None:
                     self.links.enqueue(rec)
                 continue
-            if ct.tcp_state is None and ct.l4proto == tcp:
-                prev = table.live.get(ct.key)
-                if prev is not None:
-                    ct.tcp_state = prev.value.tcp_state  # UPDATE carries the state only on change
-            rec = replica.local_ct(ct, now + ct.timeout, now, wall)
+            key, rec = replica.local_ct(ct, now + ct.timeout, now, wall)
             learned_ct += 1
             if links:
-                qkey = record_key(rec)
+                qkey = ("ct", key)  # peer.record_key(rec), without joining the key again
                 for link in links:
                     link.enqueue(qkey, rec)
         self.counters["learned_sessions"] += learned_sessions
@@ -338,26 +332,22 @@ class Learner:
         for ct in dump():
             if ct.mark not in marks:
                 continue
-            seen.add(ct.key)
-            cur = self.replica.conntrack.get(ct.key)
+            key = ct_key(ct)
+            seen.add(key)
+            cur = self.replica.conntrack.get(key)
             if cur is None:
                 missed.append((CtEvent.NEW, ct))
                 if len(missed) >= 4096:
                     self._learn_ct(missed)
                     missed = []
-            elif _ct_state(cur.value) != _ct_state(ct):
-                self.links.enqueue(self.replica.local_ct(ct, now + ct.timeout, now, wall))
+            elif ct_state_bytes(cur.value) != ct_state_bytes(encode_ct(ct)):  # type: ignore[arg-type]
+                self.links.enqueue(self.replica.local_ct(ct, now + ct.timeout, now, wall)[1])
         if missed:
             self._learn_ct(missed)
-        for key, e in list(self.replica.conntrack.live.items()):
+        for key in list(self.replica.conntrack.live):
             if key not in seen:
-                rec = self.replica.local_ct_destroy(e.value, now, wall)
+                rec = self.replica.local_ct_destroy(key, now, wall)
                 if rec is not None:
                     self.links.enqueue(rec)
         log.warning("conntrack events were lost (socket overrun): reconciled from a dump")
 
-
-def _ct_state(ct: CtEntry) -> tuple:
-    """What a peer must hear about when it changes (the timeout runs down on its own)."""
-    return (ct.mark, ct.status, ct.tcp_state, ct.reply_src, ct.reply_dst, ct.reply_sport,
-            ct.reply_dport)

@@ -147,6 +147,32 @@ def decode_ct(data: bytes | bytearray | memoryview) -> CtEntry:
                    timeout, tcp_state, zone)
 
 
+_KEY = struct.Struct(">BBH16s16sHH")  # CT_KEY_FIELDS, packed straight from a CtEntry
+
+
+def ct_key(ct: CtEntry) -> bytes:
+    """`ct_record_key(encode_ct(ct))` without encoding the whole entry: the identity of a
+    connection as the replica keys it (a destroy event needs nothing more)."""
+    pad = _ZERO12 if ct.family == AF_INET else b""
+    return _KEY.pack(ct.family, ct.l4proto, ct.zone, ct.orig_src + pad, ct.orig_dst + pad,
+                     ct.orig_sport, ct.orig_dport)
+
+
+CT_TIMEOUT = CT_ENTRY_FIELDS["timeout"]  # where the seconds left sit in the entry bytes
+
+
+def ct_with_timeout(entry: bytes, timeout: int) -> bytes:
+    """The entry bytes with another timeout (a snapshot sends the time left now)."""
+    t = min(max(timeout, 0), MAX_TIMEOUT).to_bytes(4, "big")
+    return entry[:CT_TIMEOUT.start] + t + entry[CT_TIMEOUT.stop:]
+
+
+def ct_state_bytes(entry: bytes) -> bytes:
+    """Everything of an entry but its timeout: what a peer must hear about when it changes
+    (the timeout runs down by itself)."""
+    return entry[:CT_TIMEOUT.start] + entry[CT_TIMEOUT.stop:]
+
+
 def ct_record_key(entry: bytes) -> bytes:
     """Coalescing key of an entry body in a send queue: the `CT_KEY_FIELDS` bytes.
 
@@ -158,5 +184,6 @@ def ct_record_key(entry: bytes) -> bytes:
 
 __all__ = [
     "CT_ENTRY_FIELDS", "CT_ENTRY_LAYOUT", "CT_ENTRY_SIZE", "CT_ENTRY_VERSION", "CT_KEY_FIELDS",
-    "CtFormatError", "ct_record_key", "decode_ct", "encode_ct",
+    "CT_TIMEOUT", "CtFormatError", "ct_key", "ct_record_key", "ct_state_bytes",
+    "ct_with_timeout", "decode_ct", "encode_ct",
 ]

@@ -38,7 +38,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from nftsync.conntrack import CtEntry
+from nftsync.conntrack import IPPROTO_TCP, CtEntry
 from nftsync.proto import (
     MAX_REMAINING_MS,
     OP_ADD,
@@ -48,9 +48,17 @@ from nftsync.proto import (
     Record,
     SessionRecord,
 )
-from nftsync.proto.conntrack import CtFormatError, decode_ct, encode_ct
+from nftsync.proto.conntrack import (
+    CT_ENTRY_FIELDS,
+    CtFormatError,
+    ct_key,
+    ct_record_key,
+    ct_with_timeout,
+    decode_ct,
+    encode_ct,
+)
 
-from .table import U64_MAX, UNVERIFIED, Entry, Table
+from .table import HEAD_SIZE, U64_MAX, UNVERIFIED, Entry, Table
 
 CT_TABLE = "conntrack"
 MAX_FUTURE_MS = 24 * 3600 * 1000  # a record more than a day ahead of our clock is refused
@@ -63,6 +71,8 @@ FOUND_CT_MS = 1  # "long ago": the time of a conntrack entry found in the kernel
 FOUND_PENALTY_MS = 24 * 3600 * 1000
 DEFAULT_CAPACITY = 1 << 22  # live entries per origin where nothing smaller is known
 SWEEP_BUDGET = 10_000  # keys looked at per sweep slice (~2.5 ms)
+_TCP_STATE = CT_ENTRY_FIELDS["tcp_state"].start  # offset of the TCP state in the entry bytes
+_NO_STATE = 0xFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +120,7 @@ class Replica:
         self.policies: dict[str, MapPolicy] = {}
         self.sessions: dict[str, Table] = {}
         self.ct_marks: frozenset[int] = frozenset()
-        self.conntrack = Table(CT_TABLE, ct_capacity, TOMBSTONE_MIN_S)
+        self.conntrack = Table(CT_TABLE, ct_capacity, TOMBSTONE_MIN_S, marks=False)
         self.refused: dict[str, int] = {}
         self.capped = 0  # session records whose expiry was cut to the map's timeout
         self.ct_mark_conflicts = 0  # conntrack NEWs that contradicted a live session
@@ -134,21 +144,23 @@ class Replica:
         self.refused[cause] = self.refused.get(cause, 0) + 1
 
     # -- local changes (learned from this node's kernel) -----------------------------------------
-    def _stamp(self, table: Table, key: object, wall: int) -> int:
+    def _stamp(self, table: Table, key: bytes, wall: int) -> int:
         """A local change is newer than anything held for the key, even within one ms (a
         delete + add in one transaction must not tie, or the add would lose)."""
-        cur = table.latest(key)
-        if cur is not None and wall <= cur.updated_ms:
-            return min(U64_MAX, cur.updated_ms + 1)
+        cur = table.latest_ms(key)
+        if cur is not None and wall <= cur:
+            return min(U64_MAX, cur + 1)
         return wall
 
     def local_session(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
                       now: float, wall: int) -> SessionRecord:
         """A session added or refreshed here (conntrack NEW, an admin add): the record to send."""
         table = self.sessions[map_id]
-        e = table.put(key, Entry(mark, expires_at, self._stamp(table, key, wall), self.node_id))
-        return SessionRecord(OP_ADD, map_id, key, mark, self._wire_ms(map_id, e, now),
-                             e.updated_ms, self.node_id)
+        ms = self._stamp(table, key, wall)
+        table.put(key, mark, expires_at, ms, self.node_id)
+        e = Entry(mark, expires_at, ms, self.node_id)
+        return SessionRecord(OP_ADD, map_id, key, mark, self._wire_ms(map_id, e, now), ms,
+                             self.node_id)
 
     def local_session_delete(self, map_id: str, key: bytes, now: float,
                              wall: int) -> SessionRecord:
@@ -156,9 +168,9 @@ class Replica:
         key we did not hold: a peer may hold it)."""
         table = self.sessions[map_id]
         cur = table.get(key)
-        t = table.bury(key, cur.value if cur is not None else None,
-                       self._stamp(table, key, wall), self.node_id, now)
-        return SessionRecord(OP_DELETE, map_id, key, 0, 0, t.updated_ms, self.node_id)
+        ms = self._stamp(table, key, wall)
+        table.bury(key, cur.value if cur is not None else None, ms, self.node_id, now)
+        return SessionRecord(OP_DELETE, map_id, key, 0, 0, ms, self.node_id)
 
     def session_from_ct(self, map_id: str, key: bytes, mark: int, expires_at: float | None,
                         now: float, wall: int) -> SessionRecord | None:
@@ -183,7 +195,7 @@ class Replica:
         if (cur is not None and cur.value == mark) or \
                 not table.beats(key, updated_ms, UNVERIFIED, mark, -math.inf):
             return False
-        table.put(key, Entry(mark, expires_at, updated_ms, UNVERIFIED))
+        table.put(key, mark, expires_at, updated_ms, UNVERIFIED)
         return True
 
     def _wire_ms(self, map_id: str, e: Entry, now: float) -> int:
@@ -202,18 +214,28 @@ class Replica:
         return ms
 
     def local_ct(self, ct: CtEntry, expires_at: float, now: float,
-                 wall: int) -> ConntrackRecord:
-        table = self.conntrack
-        key = ct.key
-        e = table.put(key, Entry(ct, expires_at, self._stamp(table, key, wall), self.node_id))
-        return ConntrackRecord(OP_UPSERT, self.node_id, e.updated_ms, encode_ct(ct))
+                 wall: int) -> tuple[bytes, ConntrackRecord]:
+        """A conntrack entry made or changed here: its key and the record to send.
 
-    def local_ct_destroy(self, ct: CtEntry, now: float, wall: int) -> ConntrackRecord | None:
-        """The kernel destroyed a conntrack entry. Only its author's view counts as a live
-        deletion; a copy we merely held leaves silently (it timed out here, while the node
-        serving it may still be refreshing it)."""
+        A TCP UPDATE event carries the state only when it changed: an entry without one keeps
+        the state we hold."""
         table = self.conntrack
-        key = ct.key
+        entry = encode_ct(ct)
+        key = ct_record_key(entry)
+        if entry[_TCP_STATE] == _NO_STATE and ct.l4proto == IPPROTO_TCP:
+            prev = table.live.get(key)
+            if prev is not None and prev[HEAD_SIZE + _TCP_STATE] != _NO_STATE:
+                entry = entry[:_TCP_STATE] + prev[HEAD_SIZE + _TCP_STATE:][:1] + \
+                    entry[_TCP_STATE + 1:]
+        ms = self._stamp(table, key, wall)
+        table.put(key, entry, expires_at, ms, self.node_id)
+        return key, ConntrackRecord(OP_UPSERT, self.node_id, ms, entry)
+
+    def local_ct_destroy(self, key: bytes, now: float, wall: int) -> ConntrackRecord | None:
+        """The kernel destroyed the conntrack entry of `key` (`ct_key`). Only its author's
+        view counts as a live deletion; a copy we merely held leaves silently (it timed out
+        here, while the node serving it may still be refreshing it)."""
+        table = self.conntrack
         cur = table.get(key)
         if cur is None:
             return None
@@ -222,14 +244,16 @@ class Replica:
             return None
         remaining = 0.0 if cur.expires_at is None else cur.expires_at - now
         keep = min(TOMBSTONE_MAX_S, max(TOMBSTONE_MIN_S, remaining))
-        t = table.bury(key, cur.value, self._stamp(table, key, wall), self.node_id, now, keep)
-        return ConntrackRecord(OP_DELETE, self.node_id, t.updated_ms, encode_ct(cur.value))
+        ms = self._stamp(table, key, wall)
+        table.bury(key, cur.value, ms, self.node_id, now, keep)
+        return ConntrackRecord(OP_DELETE, self.node_id, ms, cur.value)  # type: ignore[arg-type]
 
     def found_ct(self, ct: CtEntry, expires_at: float) -> bool:
         table = self.conntrack
-        if table.latest(ct.key) is not None:
+        key = ct_key(ct)
+        if table.latest_ms(key) is not None:
             return False
-        table.put(ct.key, Entry(ct, expires_at, FOUND_CT_MS, UNVERIFIED))
+        table.put(key, encode_ct(ct), expires_at, FOUND_CT_MS, UNVERIFIED)
         return True
 
     # -- records from peers ----------------------------------------------------------------------
@@ -279,31 +303,32 @@ class Replica:
         if (live is None or live.origin != r.origin) and table.full_for(r.origin):
             return "origin_full"
         ms = self._cap_ms(pol, r.remaining_ms)
-        table.put(key, Entry(r.mark, now + ms / 1000 if ms else None, r.updated_ms, r.origin))
+        table.put(key, r.mark, now + ms / 1000 if ms else None, r.updated_ms, r.origin)
         out.sessions.setdefault(r.map_id, []).append(ElementOp(key, r.mark, ms, old))
         return ""
 
     def _receive_ct(self, r: ConntrackRecord, now: float, out: Writes) -> str:
+        entry = bytes(r.entry)
         try:
-            ct = decode_ct(r.entry)
+            ct = decode_ct(entry)
         except CtFormatError:
             return "bad_record"
         if ct.mark not in self.ct_marks:
             return "foreign_mark"
         table = self.conntrack
-        key = ct.key
-        if not table.beats(key, r.updated_ms, r.origin, ct if r.op == OP_UPSERT else None,
+        key = ct_record_key(entry)
+        if not table.beats(key, r.updated_ms, r.origin, entry if r.op == OP_UPSERT else None,
                            now):
             return ""
         live = table.current(key, now)
         if r.op == OP_DELETE:
-            table.bury(key, ct, r.updated_ms, r.origin, now)
+            table.bury(key, entry, r.updated_ms, r.origin, now)
             if live is not None:
                 out.conntrack.append(("delete", ct))
             return ""
         if (live is None or live.origin != r.origin) and table.full_for(r.origin):
             return "origin_full"
-        table.put(key, Entry(ct, now + ct.timeout, r.updated_ms, r.origin))
+        table.put(key, entry, now + ct.timeout, r.updated_ms, r.origin)
         out.conntrack.append(("upsert", ct))
         return ""
 
@@ -312,44 +337,48 @@ class Replica:
                  clock: Callable[[], float] | None = None) -> Iterator[list[Record]]:
         """Everything this node holds, live and tombstones, in chunks of records.
 
-        The tables' items are copied at the call (a point in time); records are built lazily,
-        chunk by chunk, so a sender can stream a 1M-entry snapshot between other work. `clock`
-        (monotonic seconds), if given, is read again for each chunk, so remaining times are
-        those of the moment the chunk is built.
+        The tables are copied at the call (a point in time: a dict copy, the packed entries
+        shared); records are built lazily, chunk by chunk, so a sender can stream a 1M-entry
+        snapshot between other work. `clock` (monotonic seconds), if given, is read again for
+        each chunk, so remaining times are those of the moment the chunk is built.
         """
-        parts = [(map_id, list(table.items(now))) for map_id, table in self.sessions.items()
+        parts = [(map_id, table, *table.frozen()) for map_id, table in self.sessions.items()
                  if map_id in self.policies]
-        cts = list(self.conntrack.items(now)) if conntrack else []
-        return self._chunks(parts, cts, now, chunk, clock)
+        if conntrack:
+            parts.append((None, self.conntrack, *self.conntrack.frozen()))
+        return self._chunks(parts, now, chunk, clock)
 
-    def _chunks(self, parts: list[tuple[str, list[tuple[object, Entry, bool]]]],
-                cts: list[tuple[object, Entry, bool]], now: float, chunk: int,
+    def _chunks(self, parts: list[tuple[str | None, Table, dict[bytes, bytes],
+                                        dict[bytes, bytes]]],
+                now: float, chunk: int,
                 clock: Callable[[], float] | None) -> Iterator[list[Record]]:
         out: list[Record] = []
-        for map_id, items in parts:
-            for key, e, alive in items:
-                if alive:
-                    rec = SessionRecord(OP_ADD, map_id, key, e.value,
-                                        self._wire_ms(map_id, e, now), e.updated_ms, e.origin)
-                else:
-                    rec = SessionRecord(OP_DELETE, map_id, key, 0, 0, e.updated_ms, e.origin)
-                out.append(rec)
-                if len(out) >= chunk:
-                    yield out
-                    out = []
-                    now = clock() if clock is not None else now
-        for _key, e, alive in cts:
-            ct: CtEntry = e.value
-            if alive and e.expires_at is not None:
-                ct.timeout = max(1, int(e.expires_at - now))
-            out.append(ConntrackRecord(OP_UPSERT if alive else OP_DELETE, e.origin,
-                                       e.updated_ms, encode_ct(ct)))
-            if len(out) >= chunk:
-                yield out
-                out = []
-                now = clock() if clock is not None else now
+        for map_id, table, live, dead in parts:
+            for items, alive in ((live.items(), True), (dead.items(), False)):
+                for key, raw in items:
+                    e = table.unpack(raw)
+                    if alive and e.expires_at is not None and e.expires_at <= now:
+                        continue  # the kernel has dropped it
+                    out.append(self._record(map_id, key, e, alive, now))
+                    if len(out) >= chunk:
+                        yield out
+                        out = []
+                        now = clock() if clock is not None else now
         if out:
             yield out
+
+    def _record(self, map_id: str | None, key: bytes, e: Entry, alive: bool,
+                now: float) -> Record:
+        if map_id is None:  # conntrack: the entry bytes, with the time left now
+            entry: bytes = e.value  # type: ignore[assignment]
+            if alive and e.expires_at is not None:
+                entry = ct_with_timeout(entry, max(1, int(e.expires_at - now)))
+            return ConntrackRecord(OP_UPSERT if alive else OP_DELETE, e.origin, e.updated_ms,
+                                   entry)
+        if alive:
+            return SessionRecord(OP_ADD, map_id, key, e.value, self._wire_ms(map_id, e, now),
+                                 e.updated_ms, e.origin)
+        return SessionRecord(OP_DELETE, map_id, key, 0, 0, e.updated_ms, e.origin)
 
     def sweep(self, now: float, budget: int = SWEEP_BUDGET) -> int:
         """A slice of the expiry sweep of every table; returns the entries forgotten."""

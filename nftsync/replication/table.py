@@ -9,6 +9,12 @@ a conntrack entry destroyed where it was served). A tombstone carries the time o
 that an older add cannot bring the key back, and it is kept only as long as a copy of what it
 deleted can still be alive somewhere (`tomb_s`), with a bound on how many (oldest dropped first).
 
+Both dicts map key bytes to one packed `bytes` per entry (`pack`: expiry, change time, origin,
+then the value: a mark, or a conntrack entry's wire bytes), not to objects: a node holds millions
+of them, and an entry as a dataclass with a `CtEntry` inside cost ~730 bytes per connection and
+its session, against ~470 packed (docs/kernels.md, benchmarks/README.md). Packed entries also
+keep the cyclic GC away (bytes are not tracked). Readers get an `Entry` tuple decoded on demand.
+
 Nothing here does I/O or reads a clock: callers pass `now` (monotonic seconds) and `wall`
 (milliseconds since the epoch), so the rules are the same in the daemon and in the model test.
 """
@@ -16,8 +22,10 @@ Nothing here does I/O or reads a clock: callers pass `now` (monotonic seconds) a
 from __future__ import annotations
 
 import heapq
+import math
+import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nftsync.conntrack import CtEntry
 from nftsync.proto.conntrack import encode_ct
@@ -25,14 +33,20 @@ from nftsync.proto.conntrack import encode_ct
 UNVERIFIED = 0  # origin of what a node found in its own kernel at start-up: no known author
 U64_MAX = 2**64 - 1
 
+# The head of a packed entry: expiry (monotonic seconds, +inf: never), change time (the author's
+# wall clock, ms), origin (node id). Native order: these bytes never leave the process.
+_HEAD = struct.Struct("=dQI")
+HEAD_SIZE = _HEAD.size
+_UPDATED = struct.Struct("=Q")  # at offset 8
+_ORIGIN = struct.Struct("=I")  # at offset 16
+_MARK = struct.Struct("=I")
+_INF = math.inf
 
-@dataclass(slots=True)
-class Entry:
-    """A session (value = mark) or conntrack entry (value = CtEntry), with its replication facts.
 
-    In a tombstone `value` is what was deleted (a conntrack delete must name its tuple) and
-    `expires_at` is when the tombstone may be forgotten.
-    """
+class Entry(NamedTuple):
+    """A session (value = mark) or conntrack entry (value = its wire bytes), decoded from its
+    packed form; in a tombstone `value` is what was deleted (a conntrack delete must name its
+    tuple) or None, and `expires_at` is when the tombstone may be forgotten."""
 
     value: object
     expires_at: float | None  # monotonic seconds; None: never expires (static pins)
@@ -61,7 +75,7 @@ def rank(value: object) -> tuple:
     conntrack entries by their wire bytes."""
     if value is None:
         return (0,)
-    if isinstance(value, int):
+    if isinstance(value, int | bytes):
         return (1, value)
     if isinstance(value, CtEntry):
         return (1, encode_ct(value))
@@ -69,91 +83,136 @@ def rank(value: object) -> tuple:
 
 
 class Table:
-    """One replicated table (keys: map key bytes, or conntrack tuples)."""
+    """One replicated table (keys: map key bytes, or conntrack tuples as wire key bytes).
 
-    def __init__(self, name: str, capacity: int, tomb_s: float) -> None:
+    `marks`: values are backend marks (a session map); otherwise conntrack wire bytes.
+    """
+
+    def __init__(self, name: str, capacity: int, tomb_s: float, marks: bool = True) -> None:
         self.name = name
         self.capacity = capacity  # live entries per origin; also the tombstone bound
         self.tomb_s = tomb_s  # how long a tombstone outlives the deletion, at least
-        self.live: dict[object, Entry] = {}
-        self.dead: dict[object, Entry] = {}  # insertion order = age: the oldest goes first
+        self.marks = marks
+        self.live: dict[bytes, bytes] = {}  # key -> packed entry
+        self.dead: dict[bytes, bytes] = {}  # insertion order = age: the oldest goes first
         self.per_origin: dict[int, int] = {}
         # Expiry by time buckets: second -> keys whose entry or tombstone was set to expire in
         # that second, and a heap of those seconds. A sweep pops only what is due instead of
         # scanning the table (a 10k-key scan slice every 0.2 s stalled the loop ~2.5 ms; the
         # key list of a pass over 1M entries took longer). A refreshed key is in several
         # buckets: the ones before its current expiry find it alive and skip it.
-        self._due: dict[int, list[object]] = {}
+        self._due: dict[int, list[bytes]] = {}
         self._seconds: list[int] = []
 
     def __len__(self) -> int:
         return len(self.live)
 
-    def get(self, key: object) -> Entry | None:
-        return self.live.get(key)
+    # -- the packed form -------------------------------------------------------------------------
+    def pack(self, value: object, expires_at: float | None, updated_ms: int,
+             origin: int) -> bytes:
+        head = _HEAD.pack(_INF if expires_at is None else expires_at, updated_ms, origin)
+        if value is None:
+            return head
+        return head + (_MARK.pack(value) if self.marks else value)  # type: ignore[operator]
 
-    def latest(self, key: object) -> Entry | None:
+    def unpack(self, raw: bytes) -> Entry:
+        exp, ms, origin = _HEAD.unpack_from(raw)
+        if len(raw) == HEAD_SIZE:
+            value: object = None
+        elif self.marks:
+            value = _MARK.unpack_from(raw, HEAD_SIZE)[0]
+        else:
+            value = raw[HEAD_SIZE:]
+        return Entry(value, None if exp == _INF else exp, ms, origin)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get(self, key: bytes) -> Entry | None:
+        raw = self.live.get(key)
+        return None if raw is None else self.unpack(raw)
+
+    def latest(self, key: bytes) -> Entry | None:
         """The entry or the tombstone: what a change of `key` is ordered after."""
-        e = self.live.get(key)
-        return e if e is not None else self.dead.get(key)
+        raw = self.live.get(key) or self.dead.get(key)
+        return None if raw is None else self.unpack(raw)
 
-    def current(self, key: object, now: float) -> Entry | None:
+    def latest_ms(self, key: bytes) -> int | None:
+        """The change time of the entry or tombstone of `key` (the hot path's `latest`)."""
+        raw = self.live.get(key) or self.dead.get(key)
+        return None if raw is None else _UPDATED.unpack_from(raw, 8)[0]
+
+    def current(self, key: bytes, now: float) -> Entry | None:
         """The live entry of `key` unless its time is past (the kernel has dropped it; the
         sweep forgets it within a second)."""
-        e = self.live.get(key)
-        if e is None or (e.expires_at is not None and e.expires_at <= now):
+        raw = self.live.get(key)
+        if raw is None or _HEAD.unpack_from(raw)[0] <= now:
             return None
-        return e
+        return self.unpack(raw)
 
-    def beats(self, key: object, updated_ms: int, origin: int, value: object,
+    def beats(self, key: bytes, updated_ms: int, origin: int, value: object,
               now: float) -> bool:
         """Whether a change (value None: a deletion) wins over what we hold for `key`; what
         has expired, entry or tombstone, holds nothing."""
         e = self.current(key, now)
         if e is not None:
             return newer(updated_ms, origin, value, e.updated_ms, e.origin, e.value)
-        t = self.dead.get(key)
-        return t is None or (t.expires_at is not None and t.expires_at <= now) or \
-            newer(updated_ms, origin, value, t.updated_ms, t.origin, None)
+        raw = self.dead.get(key)
+        if raw is None:
+            return True
+        exp, ms, t_origin = _HEAD.unpack_from(raw)
+        return exp <= now or newer(updated_ms, origin, value, ms, t_origin, None)
 
-    def is_dead(self, key: object) -> bool:
+    def is_dead(self, key: bytes) -> bool:
         return key in self.dead
 
+    def entries(self, now: float | None = None) -> Iterator[tuple[bytes, Entry]]:
+        """(key, entry) of the live entries (unexpired ones only if `now` is given)."""
+        for k, raw in self.live.items():
+            e = self.unpack(raw)
+            if now is None or e.expires_at is None or e.expires_at > now:
+                yield k, e
+
+    def tombstones(self) -> Iterator[tuple[bytes, Entry]]:
+        for k, raw in self.dead.items():
+            yield k, self.unpack(raw)
+
     # -- changes ---------------------------------------------------------------------------------
-    def put(self, key: object, e: Entry) -> Entry:
-        """Make `e` the live entry of `key` (replacing an entry or a tombstone)."""
+    def put(self, key: bytes, value: object, expires_at: float | None, updated_ms: int,
+            origin: int) -> None:
+        """Make this the live entry of `key` (replacing an entry or a tombstone)."""
+        self.put_packed(key, self.pack(value, expires_at, updated_ms, origin), expires_at,
+                        origin)
+
+    def put_packed(self, key: bytes, raw: bytes, expires_at: float | None,
+                   origin: int) -> None:
         old = self.live.get(key)
         if old is not None:
-            self._count(old.origin, -1)
+            self._count(_ORIGIN.unpack_from(old, 16)[0], -1)
         else:
             self.dead.pop(key, None)
-        self.live[key] = e
-        self._count(e.origin, 1)
-        if e.expires_at is not None:
-            self._schedule(key, e.expires_at)
-        return e
+        self.live[key] = raw
+        self._count(origin, 1)
+        if expires_at is not None:
+            self._schedule(key, expires_at)
 
-    def bury(self, key: object, value: object, updated_ms: int, origin: int, now: float,
-             keep_s: float | None = None) -> Entry:
+    def bury(self, key: bytes, value: object, updated_ms: int, origin: int, now: float,
+             keep_s: float | None = None) -> None:
         """Replace `key` by a tombstone of the deletion made at `updated_ms` by `origin`."""
-        old = self.live.pop(key, None)
-        if old is not None:
-            self._count(old.origin, -1)
+        self.drop(key)
         self.dead.pop(key, None)  # re-inserted: it is now the youngest
-        t = Entry(value, now + (self.tomb_s if keep_s is None else keep_s), updated_ms, origin)
-        self.dead[key] = t
-        self._schedule(key, t.expires_at)  # type: ignore[arg-type]
+        expires_at = now + (self.tomb_s if keep_s is None else keep_s)
+        self.dead[key] = self.pack(value, expires_at, updated_ms, origin)
+        self._schedule(key, expires_at)
         while len(self.dead) > self.capacity:
             del self.dead[next(iter(self.dead))]
-        return t
 
-    def drop(self, key: object) -> Entry | None:
+    def drop(self, key: bytes) -> bool:
         """Forget a live entry without a tombstone (it expired, or a copy we did not author
         left the kernel): nothing is sent for it."""
         old = self.live.pop(key, None)
-        if old is not None:
-            self._count(old.origin, -1)
-        return old
+        if old is None:
+            return False
+        self._count(_ORIGIN.unpack_from(old, 16)[0], -1)
+        return True
 
     def full_for(self, origin: int) -> bool:
         return self.per_origin.get(origin, 0) >= self.capacity
@@ -166,7 +225,7 @@ class Table:
             self.per_origin.pop(origin, None)
 
     # -- expiry ----------------------------------------------------------------------------------
-    def _schedule(self, key: object, expires_at: float) -> None:
+    def _schedule(self, key: bytes, expires_at: float) -> None:
         sec = int(expires_at)
         bucket = self._due.get(sec)
         if bucket is None:
@@ -179,29 +238,24 @@ class Table:
         """Forget entries and tombstones whose time is past, looking at about `budget` keys
         (whole buckets of one second, so at least one bucket), so a sweep never stalls the
         caller however big the table is. An entry is forgotten within a second of its expiry,
-        and is never sent once past it (`items` skips it)."""
-        live, dead, due, seconds = self.live, self.dead, self._due, self._seconds
+        and is never sent once past it (snapshots skip it)."""
+        live, dead, due, seconds, head = self.live, self.dead, self._due, self._seconds, _HEAD
         n = looked = 0
         while seconds and seconds[0] + 1 <= now and (looked == 0 or
                                                      looked + len(due[seconds[0]]) <= budget):
             keys = due.pop(heapq.heappop(seconds))
             looked += len(keys)
             for k in keys:
-                e = live.get(k)
-                if e is not None and e.expires_at is not None and e.expires_at <= now:
+                raw = live.get(k)
+                if raw is not None and head.unpack_from(raw)[0] <= now:
                     self.drop(k)
                     n += 1
-                t = dead.get(k)
-                if t is not None and t.expires_at is not None and t.expires_at <= now:
+                raw = dead.get(k)
+                if raw is not None and head.unpack_from(raw)[0] <= now:
                     del dead[k]
         return n
 
-    def items(self, now: float) -> Iterator[tuple[object, Entry, bool]]:
-        """(key, entry, alive) of everything worth telling a peer: unexpired entries and
-        tombstones. A point in time when materialised with list() (entries are replaced on
-        change, never edited in place)."""
-        for k, e in self.live.items():
-            if e.expires_at is None or e.expires_at > now:
-                yield k, e, True
-        for k, t in self.dead.items():
-            yield k, t, False
+    def frozen(self) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        """A point-in-time copy of the live entries and tombstones, for a snapshot streamed
+        while the table changes (entries are replaced, never edited: the copy shares them)."""
+        return dict(self.live), dict(self.dead)

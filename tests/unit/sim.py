@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from nftsync.conntrack import CtEntry
 from nftsync.proto import MAX_REMAINING_MS, Record, SessionRecord, decode_ct
+from nftsync.proto.conntrack import ct_key
 from nftsync.replication import MapPolicy, Replica, newer
 
 MAP = "web/sessions"
@@ -86,7 +87,7 @@ class Cluster:
         """What a starting daemon found in its kernel counts as a change of unknown author."""
         assert node.replica is not None
         for table in (node.replica.sessions[MAP], node.replica.conntrack):
-            for k, e in table.live.items():
+            for k, e in table.entries():
                 self.claim(k, e.updated_ms, e.origin, e.value)
 
     def newer_claim(self, key: object, ms: int, origin: int, value: object) -> bool:
@@ -119,7 +120,7 @@ class Cluster:
                 value: object = rec.mark
             else:
                 entry = decode_ct(rec.entry)
-                key, value = entry.key, entry
+                key, value = ct_key(entry), entry
             self.claim(key, rec.updated_ms, rec.origin, value if rec.op == 1 else None)
         for dst in self.nodes:
             if dst is not src and (src.id, dst.id) in self.queues:
@@ -142,9 +143,9 @@ class Cluster:
                     dst.sessions[op.key] = (op.mark, self.now + op.remaining_ms / 1000)
         for what, entry in w.conntrack:
             if what == "delete":
-                dst.ct.pop(entry.key, None)
+                dst.ct.pop(ct_key(entry), None)
             else:
-                dst.ct[entry.key] = (entry, self.now + entry.timeout)
+                dst.ct[ct_key(entry)] = (entry, self.now + entry.timeout)
         return True
 
     def flush_network(self) -> None:
@@ -192,14 +193,14 @@ class Cluster:
         node.sessions[client] = (mark, self.now + T)
         self.next_port += 1
         entry = conn(client, self.next_port, mark)
-        node.ct[entry.key] = (entry, self.now + CT_T)
-        self.author[entry.key] = node.id
+        node.ct[ct_key(entry)] = (entry, self.now + CT_T)
+        self.author[ct_key(entry)] = node.id
         r = node.replica
         if r is None:
             return
         wall = self.wall(node)
         self.send(node, r.session_from_ct(MAP, client, mark, self.now + T, self.now, wall))
-        self.send(node, r.local_ct(entry, self.now + CT_T, self.now, wall))
+        self.send(node, r.local_ct(entry, self.now + CT_T, self.now, wall)[1])
 
     def admin_add(self, node: Node, client: bytes, mark: int) -> None:
         node.sessions[client] = (mark, self.now + T)
@@ -224,7 +225,8 @@ class Cluster:
         """A DESTROY event. A timeout is a live deletion only on the node whose traffic made
         the connection (elsewhere a copy ran out, while the serving node may refresh it)."""
         if node.replica is not None:
-            self.send(node, node.replica.local_ct_destroy(entry, self.now, self.wall(node)),
+            self.send(node, node.replica.local_ct_destroy(ct_key(entry), self.now,
+                                                             self.wall(node)),
                       live=live)
 
     def advance(self, dt: float) -> None:
@@ -254,9 +256,9 @@ class Cluster:
         assert node.replica is not None
         out: dict[object, int] = {}
         for table in (node.replica.sessions[MAP], node.replica.conntrack):
-            for k, e in table.live.items():
+            for k, e in table.entries():
                 if e.expires_at is None or e.expires_at > self.now:
-                    out[k] = e.value if isinstance(e.value, int) else e.value.mark
+                    out[k] = e.value if isinstance(e.value, int) else decode_ct(e.value).mark
         return out
 
     def version(self, node: Node, key: object) -> tuple[int, int] | None:

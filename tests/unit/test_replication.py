@@ -14,6 +14,7 @@ from nftsync.proto import (
     SessionRecord,
     encode_ct,
 )
+from nftsync.proto.conntrack import ct_key
 from nftsync.replication import (
     FOUND_CT_MS,
     MAX_FUTURE_MS,
@@ -164,12 +165,12 @@ def test_a_conntrack_copy_that_times_out_here_deletes_nothing_elsewhere() -> Non
     backup = replica(2)
     entry = ct(A)
     backup.receive([ConntrackRecord(OP_UPSERT, 1, WALL, encode_ct(entry))], 1, False, 0, WALL)
-    assert backup.local_ct_destroy(entry, 300, WALL + 300_000) is None
-    assert len(backup.conntrack) == 0 and not backup.conntrack.is_dead(entry.key)
+    assert backup.local_ct_destroy(ct_key(entry), 300, WALL + 300_000) is None
+    assert len(backup.conntrack) == 0 and not backup.conntrack.is_dead(ct_key(entry))
     # The node that served it does send the deletion.
     active = replica(1)
     active.local_ct(entry, 300.0, 0, WALL)
-    rec = active.local_ct_destroy(entry, 1, WALL + 1000)
+    rec = active.local_ct_destroy(ct_key(entry), 1, WALL + 1000)
     assert rec is not None and rec.op == OP_DELETE
 
 
@@ -177,10 +178,10 @@ def test_found_conntrack_is_long_ago() -> None:
     r = replica(2)
     entry = ct(A)
     assert r.found_ct(entry, 300.0)
-    assert r.conntrack.get(entry.key).updated_ms == FOUND_CT_MS
+    assert r.conntrack.get(ct_key(entry)).updated_ms == FOUND_CT_MS
     peer = replica(1)
     peer.local_ct(entry, 300.0, 0, WALL)
-    peer.local_ct_destroy(entry, 1, WALL + 1000)
+    peer.local_ct_destroy(ct_key(entry), 1, WALL + 1000)
     w = r.receive(flat(peer, 1), 1, True, 1, WALL + 1000)
     assert [op for op, _ in w.conntrack] == ["delete"]
 

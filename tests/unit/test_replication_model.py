@@ -60,7 +60,8 @@ def step(c: Cluster, rng: random.Random) -> tuple[str, set[int]]:
         key = rng.choice(sorted(node.ct, key=repr))
         c.close(node, key)
         touched.add(node.id)  # its own kernel dropped it: a local deletion, not a loss
-        return f"lb{node.id}: connection {key[2][-1]}:{key[4]} closed", touched
+        port = int.from_bytes(key[36:38], "big")  # ct_key: family, proto, zone, src, dst, sport
+        return f"lb{node.id}: connection {key[7]}:{port} closed", touched
     if op == "advance":
         dt = rng.choice([0.5, 2, 10, 45, 130])
         c.advance(dt)
@@ -151,7 +152,7 @@ def converge(c: Cluster) -> dict[object, tuple[int, int, bool]]:
     for node in c.nodes:
         assert node.replica is not None
         for table in (node.replica.sessions["web/sessions"], node.replica.conntrack):
-            for items, alive in ((table.live.items(), True), (table.dead.items(), False)):
+            for items, alive in ((table.entries(), True), (table.tombstones(), False)):
                 for k, e in items:
                     if alive and e.expires_at is not None and e.expires_at <= c.now + EDGE_S:
                         continue

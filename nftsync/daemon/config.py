@@ -64,6 +64,9 @@ class DaemonConfig:
     stall_after: float = 10.0  # un-acked updates older than this -> health "degraded"
     config_file: str | None = None
     log_level: str = "info"  # the front-end's logging level (debug, info, warning, error)
+    # SCHED_RR priority of the event-loop thread (docs/daemon.md, "Real-time scheduling");
+    # 0: SCHED_OTHER, like every other process. Applied at start only.
+    realtime_priority: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +88,10 @@ MAX_NAME_BYTES = 64  # cluster and node names travel in HELLO (docs/protocol.md)
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ROLES = ("active", "backup")
+#: Highest realtime_priority: the kernel runs threaded interrupt handlers (all of them under
+#: PREEMPT_RT or `threadirqs`, with the softirq work they raise) at SCHED_FIFO 50; a Python event
+#: loop must never be able to outrank the packet path of the load balancer it replicates for.
+MAX_REALTIME_PRIORITY = 49
 
 _CLUSTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _FARM_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # the same rule as `farm=` in map comments
@@ -94,7 +101,7 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 #: Top-level keys of the file, in the order they are validated (so a typo in `peers` is reported
 #: before a missing key file: the cheap, syntactic errors first).
 TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "peers", "farms", "conntrack",
-            "legacy_farms", "socket", "log_level", "key_file")
+            "legacy_farms", "socket", "log_level", "realtime_priority", "key_file")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
     "heartbeat_interval": (0.0, 60.0),
@@ -239,6 +246,8 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         kw["socket"] = _socket_path(v)
     if (v := got("log_level")) is not None:
         kw["log_level"] = _choice(v, LOG_LEVELS, lower=True)
+    if (v := got("realtime_priority")) is not None:
+        kw["realtime_priority"] = _realtime_priority(v)
     for key, (lo, hi) in TIMING_KEYS.items():
         if (v := got(key)) is not None:
             kw[key] = _seconds(v, lo, hi, inclusive_low=key == "batch_delay")
@@ -314,6 +323,21 @@ def _int(v: _Value, lo: int, hi: int) -> int:
         raise _fail(v, f"must be an integer, got {_kind(value)}")
     if not lo <= value <= hi:
         raise _fail(v, f"{value} is out of range {lo}..{hi}")
+    return value
+
+
+def _realtime_priority(v: _Value) -> int:
+    """0 (SCHED_OTHER) or a SCHED_RR priority 1..MAX_REALTIME_PRIORITY. Only an integer: the
+    policy is always SCHED_RR (docs/daemon.md says why), so there is nothing else to choose."""
+    value, top = v.value, MAX_REALTIME_PRIORITY
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(v, f"must be an integer (a SCHED_RR priority 1..{top}, or 0 for normal "
+                    f"scheduling), got {_kind(value)}")
+    if not 0 <= value <= top:
+        why = (f": above {top} the daemon would outrank the kernel's threaded interrupt "
+               "handlers (SCHED_FIFO 50)" if value > top else "")
+        raise _fail(v, f"{value} is out of range 0..{top} (0: normal scheduling, 1..{top}: "
+                    f"SCHED_RR priority){why}")
     return value
 
 

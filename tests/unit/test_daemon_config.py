@@ -346,3 +346,41 @@ def test_legacy_farm_files_are_checked_at_load(tmp_path: Path, key: Path) -> Non
     (tmp_path / "ok.toml").write_text(LEGACY_EXAMPLE.read_text())
     path = write(tmp_path, f'key_file = "{key}"\nlegacy_farms = ["ok.toml"]\n')
     assert load_config(str(path), {}).legacy_farms == [str((tmp_path / "ok.toml").resolve())]
+
+
+def test_realtime_priority(tmp_path: Path, key: Path) -> None:
+    """0 or absent: SCHED_OTHER; 1..49: SCHED_RR at that priority; nothing else, said why."""
+    assert load_config(str(write(tmp_path, 'key_file = "key"\n')), {}).realtime_priority == 0
+    for value in (0, 1, 10, 49):
+        path = write(tmp_path, f'key_file = "key"\nrealtime_priority = {value}\n')
+        assert load_config(str(path), {}).realtime_priority == value
+    assert _err(tmp_path, 'key_file = "key"\nrealtime_priority = 50\n') == (
+        "T/nftsync.toml: realtime_priority: 50 is out of range 0..49 (0: normal scheduling, "
+        "1..49: SCHED_RR priority): above 49 the daemon would outrank the kernel's threaded "
+        "interrupt handlers (SCHED_FIFO 50)")
+    assert _err(tmp_path, 'key_file = "key"\nrealtime_priority = 99\n').startswith(
+        "T/nftsync.toml: realtime_priority: 99 is out of range 0..49")
+    assert _err(tmp_path, 'key_file = "key"\nrealtime_priority = -1\n') == (
+        "T/nftsync.toml: realtime_priority: -1 is out of range 0..49 (0: normal scheduling, "
+        "1..49: SCHED_RR priority)")
+    for text, kind in (('"rr:10"', "a string"), ("true", "a boolean"), ("10.0", "a number")):
+        assert _err(tmp_path, f'key_file = "key"\nrealtime_priority = {text}\n') == (
+            "T/nftsync.toml: realtime_priority: must be an integer (a SCHED_RR priority 1..49, "
+            f"or 0 for normal scheduling), got {kind}")
+    # A top-level key like log_level: not in a table.
+    assert _err(tmp_path, 'key_file = "key"\n[limits]\nrealtime_priority = 10\n').startswith(
+        "T/nftsync.toml: unknown key 'limits.realtime_priority'")
+    # Checked before the key file, like the other syntactic errors.
+    assert _err(tmp_path, 'realtime_priority = "high"\n').startswith(
+        "T/nftsync.toml: realtime_priority: must be an integer")
+
+
+def test_cli_check_validates_realtime_priority(tmp_path: Path, key: Path) -> None:
+    r = _cli("--check", "--config", str(write(tmp_path, f'key_file = "{key}"\n'
+                                               "realtime_priority = 60\n")))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"nftsync: error: {tmp_path}/nftsync.toml: realtime_priority: "
+                               "60 is out of range 0..49")
+    r = _cli("--check", "--config", str(write(tmp_path, f'key_file = "{key}"\n'
+                                               "realtime_priority = 10\n")))
+    assert r.returncode == 0, r.stderr

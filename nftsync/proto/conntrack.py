@@ -173,6 +173,35 @@ def ct_state_bytes(entry: bytes) -> bytes:
     return entry[:CT_TIMEOUT.start] + entry[CT_TIMEOUT.stop:]
 
 
+# The rest of an entry once its key is known (`ct_body`): version, TCP state to timeout,
+# reserved, and the reply tuple, whose IPv4 addresses lose their 12 zero bytes of padding. As
+# structs over the layout above (slicing and joining cost 5x more): "x" skips a key field or
+# padding, "s" keeps bytes. tests/unit/test_proto_conntrack.py checks them against the layout.
+_BODY4 = struct.Struct(">1s2x13s2x2s36x4s12x4s12x4s")  # 28 bytes out of 92
+_BODY6 = struct.Struct(">1s2x13s2x2s36x36s")  # 52 bytes
+_KEY_PARTS = struct.Struct(">2s2s36s")  # ct_record_key: family and l4proto, zone, orig tuple
+_ENTRY4 = struct.Struct(">1s2s13s2s2s36s4s12x4s12x4s")
+_ENTRY6 = struct.Struct(">1s2s13s2s2s36s36s")
+_B4_PARTS = struct.Struct(">1s13s2s4s4s4s")
+_B6_PARTS = struct.Struct(">1s13s2s36s")
+
+
+def ct_body(entry: bytes) -> bytes:
+    """What `ct_entry` needs besides the key to give `entry` back: the replica stores this
+    under the key instead of the whole entry (an IPv4 entry: 28 bytes instead of 92)."""
+    return b"".join((_BODY4 if entry[1] == AF_INET else _BODY6).unpack(entry))
+
+
+def ct_entry(key: bytes, body: bytes) -> bytes:
+    """The entry bytes from its key (`ct_record_key`) and `ct_body`."""
+    famproto, zone, orig = _KEY_PARTS.unpack(key)
+    if key[0] == AF_INET:
+        ver, mid, res, rsrc, rdst, ports = _B4_PARTS.unpack(body)
+        return _ENTRY4.pack(ver, famproto, mid, zone, res, orig, rsrc, rdst, ports)
+    ver, mid, res, reply = _B6_PARTS.unpack(body)
+    return _ENTRY6.pack(ver, famproto, mid, zone, res, orig, reply)
+
+
 def ct_record_key(entry: bytes) -> bytes:
     """Coalescing key of an entry body in a send queue: the `CT_KEY_FIELDS` bytes.
 
@@ -184,6 +213,7 @@ def ct_record_key(entry: bytes) -> bytes:
 
 __all__ = [
     "CT_ENTRY_FIELDS", "CT_ENTRY_LAYOUT", "CT_ENTRY_SIZE", "CT_ENTRY_VERSION", "CT_KEY_FIELDS",
-    "CT_TIMEOUT", "CtFormatError", "ct_key", "ct_record_key", "ct_state_bytes",
+    "CT_TIMEOUT", "CtFormatError", "ct_body", "ct_entry", "ct_key", "ct_record_key",
+    "ct_state_bytes",
     "ct_with_timeout", "decode_ct", "encode_ct",
 ]

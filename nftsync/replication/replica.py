@@ -58,7 +58,7 @@ from nftsync.proto.conntrack import (
     encode_ct,
 )
 
-from .table import HEAD_SIZE, U64_MAX, UNVERIFIED, Entry, Table
+from .table import U64_MAX, UNVERIFIED, Entry, Table
 
 CT_TABLE = "conntrack"
 MAX_FUTURE_MS = 24 * 3600 * 1000  # a record more than a day ahead of our clock is refused
@@ -223,10 +223,10 @@ class Replica:
         entry = encode_ct(ct)
         key = ct_record_key(entry)
         if entry[_TCP_STATE] == _NO_STATE and ct.l4proto == IPPROTO_TCP:
-            prev = table.live.get(key)
-            if prev is not None and prev[HEAD_SIZE + _TCP_STATE] != _NO_STATE:
-                entry = entry[:_TCP_STATE] + prev[HEAD_SIZE + _TCP_STATE:][:1] + \
-                    entry[_TCP_STATE + 1:]
+            prev = table.get(key)
+            if prev is not None and prev.value[_TCP_STATE] != _NO_STATE:  # type: ignore[index]
+                entry = entry[:_TCP_STATE] + prev.value[_TCP_STATE:_TCP_STATE + 1] + \
+                    entry[_TCP_STATE + 1:]  # type: ignore[index]
         ms = self._stamp(table, key, wall)
         table.put(key, entry, expires_at, ms, self.node_id)
         return key, ConntrackRecord(OP_UPSERT, self.node_id, ms, entry)
@@ -320,13 +320,13 @@ class Replica:
         if not table.beats(key, r.updated_ms, r.origin, entry if r.op == OP_UPSERT else None,
                            now):
             return ""
-        live = table.current(key, now)
+        live = table.current_origin(key, now)
         if r.op == OP_DELETE:
             table.bury(key, entry, r.updated_ms, r.origin, now)
             if live is not None:
                 out.conntrack.append(("delete", ct))
             return ""
-        if (live is None or live.origin != r.origin) and table.full_for(r.origin):
+        if live != r.origin and table.full_for(r.origin):
             return "origin_full"
         table.put(key, entry, now + ct.timeout, r.updated_ms, r.origin)
         out.conntrack.append(("upsert", ct))
@@ -356,7 +356,7 @@ class Replica:
         for map_id, table, live, dead in parts:
             for items, alive in ((live.items(), True), (dead.items(), False)):
                 for key, raw in items:
-                    e = table.unpack(raw)
+                    e = table.unpack(key, raw)
                     if alive and e.expires_at is not None and e.expires_at <= now:
                         continue  # the kernel has dropped it
                     out.append(self._record(map_id, key, e, alive, now))

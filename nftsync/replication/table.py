@@ -10,10 +10,11 @@ that an older add cannot bring the key back, and it is kept only as long as a co
 deleted can still be alive somewhere (`tomb_s`), with a bound on how many (oldest dropped first).
 
 Both dicts map key bytes to one packed `bytes` per entry (`pack`: expiry, change time, origin,
-then the value: a mark, or a conntrack entry's wire bytes), not to objects: a node holds millions
-of them, and an entry as a dataclass with a `CtEntry` inside cost ~730 bytes per connection and
-its session, against ~470 packed (docs/kernels.md, benchmarks/README.md). Packed entries also
-keep the cyclic GC away (bytes are not tracked). Readers get an `Entry` tuple decoded on demand.
+then the value: a mark, or what a conntrack entry's wire bytes hold besides its key), not to
+objects: a node holds millions of them, and an entry as a dataclass with a `CtEntry` inside cost
+~770 bytes of RSS per connection and its session at 1M, against ~400 packed
+(benchmarks/README.md). Packed entries also keep the cyclic GC away (bytes are not tracked).
+Readers get an `Entry` tuple decoded on demand.
 
 Nothing here does I/O or reads a clock: callers pass `now` (monotonic seconds) and `wall`
 (milliseconds since the epoch), so the rules are the same in the daemon and in the model test.
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from nftsync.conntrack import CtEntry
-from nftsync.proto.conntrack import encode_ct
+from nftsync.proto.conntrack import ct_body, ct_entry, encode_ct
 
 UNVERIFIED = 0  # origin of what a node found in its own kernel at start-up: no known author
 U64_MAX = 2**64 - 1
@@ -85,7 +86,8 @@ def rank(value: object) -> tuple:
 class Table:
     """One replicated table (keys: map key bytes, or conntrack tuples as wire key bytes).
 
-    `marks`: values are backend marks (a session map); otherwise conntrack wire bytes.
+    `marks`: values are backend marks (a session map); otherwise conntrack entries (wire
+    bytes, stored as `ct_body` under their `ct_record_key`).
     """
 
     def __init__(self, name: str, capacity: int, tomb_s: float, marks: bool = True) -> None:
@@ -113,27 +115,28 @@ class Table:
         head = _HEAD.pack(_INF if expires_at is None else expires_at, updated_ms, origin)
         if value is None:
             return head
-        return head + (_MARK.pack(value) if self.marks else value)  # type: ignore[operator]
+        return head + (_MARK.pack(value) if self.marks else ct_body(value))  # type: ignore
 
-    def unpack(self, raw: bytes) -> Entry:
+    def unpack(self, key: bytes, raw: bytes) -> Entry:
         exp, ms, origin = _HEAD.unpack_from(raw)
+        return Entry(self._value(key, raw), None if exp == _INF else exp, ms, origin)
+
+    def _value(self, key: bytes, raw: bytes) -> object:
         if len(raw) == HEAD_SIZE:
-            value: object = None
-        elif self.marks:
-            value = _MARK.unpack_from(raw, HEAD_SIZE)[0]
-        else:
-            value = raw[HEAD_SIZE:]
-        return Entry(value, None if exp == _INF else exp, ms, origin)
+            return None
+        if self.marks:
+            return _MARK.unpack_from(raw, HEAD_SIZE)[0]
+        return ct_entry(key, raw[HEAD_SIZE:])
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, key: bytes) -> Entry | None:
         raw = self.live.get(key)
-        return None if raw is None else self.unpack(raw)
+        return None if raw is None else self.unpack(key, raw)
 
     def latest(self, key: bytes) -> Entry | None:
         """The entry or the tombstone: what a change of `key` is ordered after."""
         raw = self.live.get(key) or self.dead.get(key)
-        return None if raw is None else self.unpack(raw)
+        return None if raw is None else self.unpack(key, raw)
 
     def latest_ms(self, key: bytes) -> int | None:
         """The change time of the entry or tombstone of `key` (the hot path's `latest`)."""
@@ -146,15 +149,28 @@ class Table:
         raw = self.live.get(key)
         if raw is None or _HEAD.unpack_from(raw)[0] <= now:
             return None
-        return self.unpack(raw)
+        return self.unpack(key, raw)
+
+    def current_origin(self, key: bytes, now: float) -> int | None:
+        """The origin of the live entry of `key` unless its time is past (`current`, without
+        decoding the value)."""
+        raw = self.live.get(key)
+        if raw is None:
+            return None
+        exp, _ms, origin = _HEAD.unpack_from(raw)
+        return None if exp <= now else origin
 
     def beats(self, key: bytes, updated_ms: int, origin: int, value: object,
               now: float) -> bool:
         """Whether a change (value None: a deletion) wins over what we hold for `key`; what
-        has expired, entry or tombstone, holds nothing."""
-        e = self.current(key, now)
-        if e is not None:
-            return newer(updated_ms, origin, value, e.updated_ms, e.origin, e.value)
+        has expired, entry or tombstone, holds nothing. Values are decoded only for a tie."""
+        raw = self.live.get(key)
+        if raw is not None:
+            exp, ms, cur_origin = _HEAD.unpack_from(raw)
+            if exp > now:
+                if updated_ms != ms or origin != cur_origin:
+                    return (updated_ms, origin) > (ms, cur_origin)
+                return rank(value) > rank(self._value(key, raw))
         raw = self.dead.get(key)
         if raw is None:
             return True
@@ -167,13 +183,13 @@ class Table:
     def entries(self, now: float | None = None) -> Iterator[tuple[bytes, Entry]]:
         """(key, entry) of the live entries (unexpired ones only if `now` is given)."""
         for k, raw in self.live.items():
-            e = self.unpack(raw)
+            e = self.unpack(k, raw)
             if now is None or e.expires_at is None or e.expires_at > now:
                 yield k, e
 
     def tombstones(self) -> Iterator[tuple[bytes, Entry]]:
         for k, raw in self.dead.items():
-            yield k, self.unpack(raw)
+            yield k, self.unpack(k, raw)
 
     # -- changes ---------------------------------------------------------------------------------
     def put(self, key: bytes, value: object, expires_at: float | None, updated_ms: int,

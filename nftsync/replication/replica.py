@@ -158,9 +158,8 @@ class Replica:
         table = self.sessions[map_id]
         ms = self._stamp(table, key, wall)
         table.put(key, mark, expires_at, ms, self.node_id)
-        e = Entry(mark, expires_at, ms, self.node_id)
-        return SessionRecord(OP_ADD, map_id, key, mark, self._wire_ms(map_id, e, now), ms,
-                             self.node_id)
+        return SessionRecord(OP_ADD, map_id, key, mark, self._wire_ms(map_id, expires_at, now),
+                             ms, self.node_id)
 
     def local_session_delete(self, map_id: str, key: bytes, now: float,
                              wall: int) -> SessionRecord:
@@ -178,8 +177,8 @@ class Replica:
         with it (and raises no event of its own), so it is the session's refresh; None when a
         live session says another backend. Such an entry was inserted (conntrack -I), not made
         by the packet path, and the map, which we hold, stays the truth (one truth per node)."""
-        cur = self.sessions[map_id].current(key, now)
-        if cur is not None and cur.value != mark:
+        cur = self.sessions[map_id].current_mark(key, now)
+        if cur is not None and cur != mark:
             self.ct_mark_conflicts += 1
             return None
         return self.local_session(map_id, key, mark, expires_at, now, wall)
@@ -198,9 +197,9 @@ class Replica:
         table.put(key, mark, expires_at, updated_ms, UNVERIFIED)
         return True
 
-    def _wire_ms(self, map_id: str, e: Entry, now: float) -> int:
+    def _wire_ms(self, map_id: str, expires_at: float | None, now: float) -> int:
         pol = self.policies.get(map_id)
-        ms = e.remaining_ms(now)
+        ms = 0 if expires_at is None else max(1, int((expires_at - now) * 1000))
         return min(ms, MAX_REMAINING_MS) if pol is None else self._cap_ms(pol, ms)
 
     def _cap_ms(self, pol: MapPolicy, ms: int) -> int:
@@ -291,16 +290,18 @@ class Replica:
         if r.op == OP_ADD and r.mark not in pol.marks:
             return "unknown_backend"
         table = self.sessions[r.map_id]
-        if not table.beats(key, r.updated_ms, r.origin, r.mark if r.op == OP_ADD else None, now):
+        verdict = table.judge(key, r.updated_ms, r.origin, r.mark if r.op == OP_ADD else None,
+                              now)
+        if verdict is None:
             return ""
-        live = table.current(key, now)
-        old = live.value if live is not None else None
+        live, live_origin = verdict
+        old = None if live is None else table.mark_of(live)
         if r.op == OP_DELETE:
             table.bury(key, old, r.updated_ms, r.origin, now)
             if live is not None:
                 out.sessions.setdefault(r.map_id, []).append(ElementOp(key, None, 0, old))
             return ""
-        if (live is None or live.origin != r.origin) and table.full_for(r.origin):
+        if live_origin != r.origin and table.full_for(r.origin):
             return "origin_full"
         ms = self._cap_ms(pol, r.remaining_ms)
         table.put(key, r.mark, now + ms / 1000 if ms else None, r.updated_ms, r.origin)
@@ -317,16 +318,17 @@ class Replica:
             return "foreign_mark"
         table = self.conntrack
         key = ct_record_key(entry)
-        if not table.beats(key, r.updated_ms, r.origin, entry if r.op == OP_UPSERT else None,
-                           now):
+        verdict = table.judge(key, r.updated_ms, r.origin,
+                              entry if r.op == OP_UPSERT else None, now)
+        if verdict is None:
             return ""
-        live = table.current_origin(key, now)
+        live, live_origin = verdict
         if r.op == OP_DELETE:
             table.bury(key, entry, r.updated_ms, r.origin, now)
             if live is not None:
                 out.conntrack.append(("delete", ct))
             return ""
-        if live != r.origin and table.full_for(r.origin):
+        if live_origin != r.origin and table.full_for(r.origin):
             return "origin_full"
         table.put(key, entry, now + ct.timeout, r.updated_ms, r.origin)
         out.conntrack.append(("upsert", ct))
@@ -376,8 +378,9 @@ class Replica:
             return ConntrackRecord(OP_UPSERT if alive else OP_DELETE, e.origin, e.updated_ms,
                                    entry)
         if alive:
-            return SessionRecord(OP_ADD, map_id, key, e.value, self._wire_ms(map_id, e, now),
-                                 e.updated_ms, e.origin)
+            return SessionRecord(OP_ADD, map_id, key, e.value,
+                                 self._wire_ms(map_id, e.expires_at, now), e.updated_ms,
+                                 e.origin)
         return SessionRecord(OP_DELETE, map_id, key, 0, 0, e.updated_ms, e.origin)
 
     def sweep(self, now: float, budget: int = SWEEP_BUDGET) -> int:

@@ -41,6 +41,7 @@ HEAD_SIZE = _HEAD.size
 _UPDATED = struct.Struct("=Q")  # at offset 8
 _ORIGIN = struct.Struct("=I")  # at offset 16
 _MARK = struct.Struct("=I")
+_SESSION = struct.Struct("=dQII")  # a session entry: the head and its mark
 _INF = math.inf
 
 
@@ -112,10 +113,12 @@ class Table:
     # -- the packed form -------------------------------------------------------------------------
     def pack(self, value: object, expires_at: float | None, updated_ms: int,
              origin: int) -> bytes:
-        head = _HEAD.pack(_INF if expires_at is None else expires_at, updated_ms, origin)
+        exp = _INF if expires_at is None else expires_at
         if value is None:
-            return head
-        return head + (_MARK.pack(value) if self.marks else ct_body(value))  # type: ignore
+            return _HEAD.pack(exp, updated_ms, origin)
+        if self.marks:
+            return _SESSION.pack(exp, updated_ms, origin, value)
+        return _HEAD.pack(exp, updated_ms, origin) + ct_body(value)  # type: ignore[arg-type]
 
     def unpack(self, key: bytes, raw: bytes) -> Entry:
         exp, ms, origin = _HEAD.unpack_from(raw)
@@ -151,31 +154,45 @@ class Table:
             return None
         return self.unpack(key, raw)
 
-    def current_origin(self, key: bytes, now: float) -> int | None:
-        """The origin of the live entry of `key` unless its time is past (`current`, without
-        decoding the value)."""
+    def current_mark(self, key: bytes, now: float) -> int | None:
+        """The mark of the live session of `key` unless its time is past (`current` without
+        an Entry: the active node's hot path)."""
         raw = self.live.get(key)
         if raw is None:
             return None
-        exp, _ms, origin = _HEAD.unpack_from(raw)
-        return None if exp <= now else origin
+        exp, _ms, _origin, mark = _SESSION.unpack(raw)
+        return None if exp <= now else mark
 
     def beats(self, key: bytes, updated_ms: int, origin: int, value: object,
               now: float) -> bool:
         """Whether a change (value None: a deletion) wins over what we hold for `key`; what
-        has expired, entry or tombstone, holds nothing. Values are decoded only for a tie."""
+        has expired, entry or tombstone, holds nothing."""
+        return self.judge(key, updated_ms, origin, value, now) is not None
+
+    def judge(self, key: bytes, updated_ms: int, origin: int, value: object,
+              now: float) -> tuple[bytes | None, int] | None:
+        """`beats`, and what a winner replaces, in one lookup (the receiver's hot path): None
+        if the change loses, else (the packed live entry or None, its origin or -1). Values
+        are decoded only for a tie."""
         raw = self.live.get(key)
         if raw is not None:
             exp, ms, cur_origin = _HEAD.unpack_from(raw)
             if exp > now:
                 if updated_ms != ms or origin != cur_origin:
-                    return (updated_ms, origin) > (ms, cur_origin)
-                return rank(value) > rank(self._value(key, raw))
+                    wins = (updated_ms, origin) > (ms, cur_origin)
+                else:
+                    wins = rank(value) > rank(self._value(key, raw))
+                return (raw, cur_origin) if wins else None
         raw = self.dead.get(key)
-        if raw is None:
-            return True
-        exp, ms, t_origin = _HEAD.unpack_from(raw)
-        return exp <= now or newer(updated_ms, origin, value, ms, t_origin, None)
+        if raw is not None:
+            exp, ms, t_origin = _HEAD.unpack_from(raw)
+            if exp > now and not newer(updated_ms, origin, value, ms, t_origin, None):
+                return None
+        return (None, -1)
+
+    def mark_of(self, raw: bytes) -> int:
+        """The mark in a packed session entry."""
+        return _MARK.unpack_from(raw, HEAD_SIZE)[0]
 
     def is_dead(self, key: bytes) -> bool:
         return key in self.dead

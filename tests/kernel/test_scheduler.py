@@ -158,7 +158,7 @@ def test_rlimit_rtprio_alone_is_enough(tmp_path: Path, rt_ns: str) -> None:
 
 BOUND = textwrap.dedent("""
     import asyncio, json, logging, os, time
-    from nftsync.daemon.service import RealtimeScheduling
+    from nftsync.daemon.realtime import RealtimeScheduling
 
     logging.basicConfig(level=logging.INFO)
 

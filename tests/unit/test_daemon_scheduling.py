@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from nftsync.daemon import service
-from nftsync.daemon.service import RealtimeScheduling, SchedulingError
+from nftsync.daemon import realtime
+from nftsync.daemon.realtime import RealtimeScheduling, SchedulingError
 
 INF = resource.RLIM_INFINITY
 
@@ -27,13 +27,13 @@ class FakeKernel:
         self.rlimits = {resource.RLIMIT_RTTIME: (INF, rttime_hard),
                         resource.RLIMIT_RTPRIO: (rtprio, rtprio)}
         self.refuse, self.now = refuse, 1000.0
-        monkeypatch.setattr(service.os, "sched_setscheduler", self.setscheduler)
-        monkeypatch.setattr(service.resource, "getrlimit", lambda r: self.rlimits[r])
-        monkeypatch.setattr(service.resource, "setrlimit", self.setrlimit)
-        monkeypatch.setattr(service.time, "monotonic", lambda: self.now)
-        monkeypatch.setattr(service.time, "sleep", lambda s: None)
-        monkeypatch.setattr(service, "_has_cap_sys_nice", lambda: False)
-        monkeypatch.setattr(service.signal, "signal", self.handler)
+        monkeypatch.setattr(realtime.os, "sched_setscheduler", self.setscheduler)
+        monkeypatch.setattr(realtime.resource, "getrlimit", lambda r: self.rlimits[r])
+        monkeypatch.setattr(realtime.resource, "setrlimit", self.setrlimit)
+        monkeypatch.setattr(realtime.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(realtime.time, "sleep", lambda s: None)
+        monkeypatch.setattr(realtime, "_has_cap_sys_nice", lambda: False)
+        monkeypatch.setattr(realtime.signal, "signal", self.handler)
         self.handlers: dict[int, object] = {}
 
     def setscheduler(self, pid: int, policy: int, param: os.sched_param) -> None:

@@ -66,7 +66,11 @@ class Daemon:
             self.replicator.load_farms()
             self.learner.farms_changed()
             self.replicator.load_legacy()
-            self.learner.initial_dump()
+            # What is linear to read (conntrack, xt_recent) before listening; the maps, whose
+            # kernel dump is quadratic (~35 s at 1M), in the background once we listen: what
+            # is not read yet is covered by the sessions derived from conntrack and by the
+            # peers' snapshots (docs/daemon.md, "Start-up").
+            await self.learner.initial_dump()
             self.learner.watch(loop)
             await self.links.start()
             cfg = self.config
@@ -74,6 +78,7 @@ class Daemon:
                      "%d peer(s)", self.node_id, cfg.node_name, cfg.cluster, cfg.listen_host,
                      cfg.listen_port, self.role, len(self.replicator.view.farms),
                      len(cfg.peers))
+            self.learner.read_maps()
             self._tasks.append(asyncio.create_task(self._housekeeping()))
             self._tasks.append(asyncio.create_task(self.loop_watch.run()))
             await self._stop.wait()
@@ -172,6 +177,7 @@ class Daemon:
             "farms": sorted(self.replicator.view.farms),
             "peers_up": sum(lk.state == "up" for lk in links), "peers_total": len(links),
             "pid": os.getpid(),
+            "startup_read": self.learner.startup_status(),  # per map: read, done, how long
         }
 
     def peers(self) -> list[dict]:
@@ -196,6 +202,7 @@ class Daemon:
                        "nftables": _stats(self.learner.nft_stats)},
             "peers": {lk.name: lk.as_dict() for lk in self.links.all()},
             "loop": self.loop_watch.as_dict(),  # how long the event loop could not run
+            "reads": self.learner.startup_stats(),  # the kernel's conntrack and maps, read
             "last_error": r.last_error,
         }
 

@@ -6,25 +6,45 @@ FTFW/UDP, DisableExternalCache On: the reference configuration in `CONNTRACKD_CO
 
 1. throughput: N DNATed TCP ESTABLISHED entries with the farm's marks and distinct sources are
    loaded on A with `conntrack -R`; time from the start of the load until B holds all N conntrack
-   entries (B's nf_conntrack_count) and, for nftsync, all N sessions (the B daemon's count of
-   elements written into its kernel map, `stats.kernel.nft.applied`);
-2. lag at a steady rate: new entries are written on A through `CtWriter` every 10 ms; B's conntrack
-   NEW events are matched to their creation time on A (the sequence number is the source address);
-3. full resync (nftsync only): A's map is loaded with M sessions (one `nft -f`) before A's
+   entries (B's nf_conntrack_count) and, for nftsync, all N sessions (B's mirror count minus what
+   its kernel writer still has queued);
+2. memory, per throughput size: each daemon's RSS growth over the load divided by what it holds
+   (nftsync: its conntrack entries plus its sessions, both replicated; conntrackd: the conntrack
+   entries) and by connection (N), and its peak (VmHWM) against its RSS once B holds everything;
+3. lag at steady rates (`--rates`, default 10k and 40k/s): new entries are written on A through
+   `CtWriter` every 10 ms; B's conntrack NEW events are matched to their creation time on A (the
+   sequence number is the source address); p50/p99/max, CPU % of each daemon, and the rate the
+   generator really achieved (it and the NEW-event listener share this process: its own CPU %
+   is printed too, so a generator that cannot keep up is seen, not hidden);
+4. event-loop pauses (nftsync): the loop watch's histogram (`ctl stats`, "loop") of both
+   daemons taken before and after each steady run; the difference is printed (pauses over 2 ms
+   during the run, and the longest);
+5. full resync (nftsync only): A's map is loaded with M sessions (one `nft -f`) before A's
    daemon starts and reads them; then B's daemon starts empty: time until B holds all M;
-4. daemon RSS before/after each throughput load, and CPU (utime+stime of both daemons) over the
-   steady-rate run.
+6. start-up beside a big map (nftsync only, `--startup M`): A's map gets M sessions (one
+   `nft -f`) while B's daemon runs; then A's daemon starts, and from its process start: (a) the
+   first answer of `ctl status`, (b) the first session on B of a new connection made on A after
+   the start (a DNATed entry with a farm mark written every 0.5 s with a fresh client, as in 3;
+   looked up in B's kernel map with one NFT_MSG_GETSETELEM, not `nft get element`, which lists
+   the whole map first), (c) B holding all M sessions (and the new connections'), (d) A's peak
+   RSS (VmHWM) during start-up against its RSS once settled. Waits that run out leave a figure
+   empty ("—") instead of failing the run.
 
-Run as root: `.venv/bin/python benchmarks/bench_replication.py [--sizes 10000,100000,1000000]`.
-Everything it starts is stopped by pid and both namespaces are deleted at the end, also on failure.
-For N > 250k the global `net.netfilter.nf_conntrack_max` is raised for the run and restored after.
-No packets are sent apart from the replication traffic itself on the veth.
+Run as root: `.venv/bin/python benchmarks/bench_replication.py [--sizes 10000,100000,1000000]
+[--rates 10000,40000] [--resync 1000000] [--startup 1000000]`. The table at the end puts the
+figures of both systems of the same run side by side, with the ratio conntrackd / nftsync
+(above 1: nftsync faster, lighter or shorter), and `--json F` writes them all.
+Everything it starts is stopped by pid and both namespaces are deleted at the end, also on
+failure. When a load needs more than the global `net.netfilter.nf_conntrack_max` allows, it is
+raised for the run and restored after. No packets are sent apart from the replication traffic
+itself on the veth.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import select
@@ -46,12 +66,35 @@ sys.path.insert(0, str(ROOT / "tests" / "kernel"))
 import netns  # noqa: E402
 
 from nftsync.conntrack import CtEntry  # noqa: E402
+from nftsync.netlink.core import (  # noqa: E402
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NetlinkError,
+    NetlinkSocket,
+    nfgenmsg,
+    nfnl_type,
+    nla,
+    nla_str,
+    nlmsg,
+)
 from nftsync.netlink.ctnetlink import EV_NEW  # noqa: E402
 from nftsync.netlink.ctsocket import CtEventSocket, CtWriter  # noqa: E402
+from nftsync.netlink.nftables import (  # noqa: E402
+    NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
+)
+from nftsync.netlink.nftwriter import encode_delete  # noqa: E402
 
 ADDR = {"a": "10.99.0.1", "b": "10.99.0.2"}
 VIP, MARKS, BACKENDS = "10.10.0.100", (0x200, 0x201), ("10.20.0.11", "10.20.0.12")
 MAP_REF = "ip nftsync_bench sessions"
+LAG_BASE, PROBE_BASE = 160, 224  # client ranges (see `client`): steady-rate load, start-up probes
+NFT_MSG_GETSETELEM = 13
+NFPROTO_IPV4 = 2
 CT_MAX_FILE = Path("/proc/sys/net/netfilter/nf_conntrack_max")
 
 FARM = """
@@ -114,11 +157,48 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_rss_kib(pid: int) -> int:
+def proc_mem_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak RSS since the process started), in KiB."""
+    out = {"rss": 0, "hwm": 0}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            out["rss"] = int(line.split()[1])
+        elif line.startswith("VmHWM:"):
+            out["hwm"] = int(line.split()[1])
+    return out
+
+
+def proc_rss_kib(pid: int) -> int:
+    return proc_mem_kib(pid)["rss"]
+
+
+class ElemProbe:
+    """Is this one key in a namespace's bench session map? One NFT_MSG_GETSETELEM naming the
+    key (a hash lookup in the kernel, microseconds at any map size); `nft get element` would
+    first list the whole map into its cache: 37 s for a 1M map on the project VM."""
+
+    def __init__(self, ns: str) -> None:
+        with netns.entered(ns):
+            self.sock = NetlinkSocket(NETLINK_NETFILTER)
+        table, name = MAP_REF.split()[1:]
+        self.head = (nfgenmsg(NFPROTO_IPV4) + nla_str(NFTA_SET_ELEM_LIST_TABLE, table)
+                     + nla_str(NFTA_SET_ELEM_LIST_SET, name))
+
+    def has(self, addr: str) -> bool:
+        seq = self.sock.next_seq()
+        body = self.head + nla(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+                               encode_delete(socket.inet_aton(addr)))
+        msg = nlmsg(nfnl_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM),
+                    NLM_F_REQUEST | NLM_F_ACK, seq, body)
+        try:
+            return sum(1 for _ in self.sock.request(msg, seq, timeout=5.0)) > 0
+        except NetlinkError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class CtCounter:
@@ -246,6 +326,11 @@ class NftsyncPair:
         return self.lab.workdir / f"nftsync-{side}.sock"
 
     def start_one(self, side: str, timeout: float = 30.0) -> None:
+        self.spawn_one(side)
+        wait_until(lambda: self.sock(side).exists(), timeout, f"nftsync {side} control socket")
+
+    def spawn_one(self, side: str) -> subprocess.Popen:
+        """Start one daemon without waiting for anything (`ip netns exec` execs it: same pid)."""
         peer = ADDR["b" if side == "a" else "a"]
         node_id = 1 if side == "a" else 2
         cmd = [sys.executable, "-m", "nftsync", "daemon", "--listen", f"{ADDR[side]}:7777",
@@ -255,7 +340,7 @@ class NftsyncPair:
                "--role", "active" if side == "a" else "backup"]
         self.sock(side).unlink(missing_ok=True)
         self.procs[side] = self.lab.spawn(side, cmd, self.lab.workdir / f"nftsync-{side}.log")
-        wait_until(lambda: self.sock(side).exists(), timeout, f"nftsync {side} control socket")
+        return self.procs[side]
 
     def start(self) -> None:
         self.start_one("a")
@@ -365,7 +450,7 @@ def throughput(lab: Lab, pair, n: int, timeout: float) -> dict:
     lab.reset()
     pair.start()
     try:
-        rss0 = {pid: proc_rss_kib(pid) for pid in pair.pids()}
+        mem0 = {side: proc_mem_kib(p.pid) for side, p in pair.procs.items()}
         cpu0 = {pid: proc_cpu(pid) for pid in pair.pids()}
         f = lab.workdir / f"load-{n}.txt"
         if not f.exists():
@@ -414,11 +499,19 @@ def throughput(lab: Lab, pair, n: int, timeout: float) -> dict:
             for spy in spies:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(timeout=60)
-        rss1 = {pid: proc_rss_kib(pid) for pid in pair.pids()}
+        mem1 = {side: proc_mem_kib(p.pid) for side, p in pair.procs.items()}
         cpu = [round(proc_cpu(pid) - cpu0[pid], 2) for pid in pair.pids()]
         res = {"n": n, "loaded_on_a": loaded, "load_s": None if t_load is None else t_load - t0,
                "ct_s": None if t_ct is None else t_ct - t0, "ct_on_b": got_ct,
-               "rss_kib": {str(p): (rss0[p], rss1[p]) for p in rss0}, "cpu_s": cpu}
+               "rss_kib": {side: (mem0[side]["rss"], mem1[side]["rss"]) for side in mem0},
+               "hwm_kib": {side: mem1[side]["hwm"] for side in mem1}, "cpu_s": cpu}
+        held = {side: loaded for side in mem0}  # conntrackd: the conntrack entries
+        if pair.name == "nftsync":
+            held = {}
+            for side in mem0:
+                st = tolerant(lambda s=side: pair.stats(s), None)()
+                held[side] = None if st is None else st["conntrack"] + sum(st["sessions"].values())
+        res["memory"] = memory_per_entry(mem0, mem1, held, loaded)
         if pair.name == "nftsync":
             res["sessions_s"] = None if t_sess is None else t_sess - t0
             res["sessions_on_b"] = pair.sessions_on_b()
@@ -433,12 +526,46 @@ def throughput(lab: Lab, pair, n: int, timeout: float) -> dict:
         pair.stop()
 
 
+def memory_per_entry(mem0: dict, mem1: dict, held: dict, conns: int) -> dict:
+    """Per daemon: RSS growth over the load in bytes per entry it holds (nftsync: conntrack
+    entries + sessions; conntrackd: conntrack entries) and per connection, and its peak."""
+    out = {}
+    for side in mem0:
+        grow = (mem1[side]["rss"] - mem0[side]["rss"]) * 1024
+        out[side] = {"growth_kib": grow // 1024, "entries": held[side],
+                     "b_per_entry": round(grow / held[side]) if held[side] else None,
+                     "b_per_conn": round(grow / conns) if conns else None,
+                     "rss_kib": mem1[side]["rss"], "hwm_kib": mem1[side]["hwm"]}
+    return out
+
+
+def loop_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The loop watch's histogram over a run: `after - before` (cumulative `le_ms` buckets).
+    The longest pause is exact when it grew during the run; otherwise the run's longest is at
+    most the smallest bucket bound holding every sample of the run (`max_le_ms`)."""
+    if not before or not after:
+        return None
+    le = {k: v - before["le_ms"].get(k, 0) for k, v in after["le_ms"].items()}
+    samples = after["samples"] - before["samples"]
+    grew = after["max_ms"] > before["max_ms"]
+    bound = next((k for k, v in le.items() if v >= samples), "+Inf")
+    per_bucket, prev = {}, 0
+    for k, v in le.items():
+        per_bucket[k] = v - prev
+        prev = v
+    return {"samples": samples, "over_2ms": after["over_2ms"] - before["over_2ms"],
+            "sum_ms": round(after["sum_ms"] - before["sum_ms"], 1),
+            "max_ms": after["max_ms"] if grew else None, "max_le_ms": bound,
+            "le_ms": le, "count_le_ms": {k: v for k, v in per_bucket.items() if v}}
+
+
 def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
     """`rate` new entries/s on A for `seconds`; lag of each one's NEW event on B."""
     lab.reset()
-    pair.start()
-    base = 160  # 10.160.0.0/11: distinct from the throughput loads
     total = int(rate * seconds)
+    lab.ensure_ct_max(total)
+    pair.start()
+    base = LAG_BASE  # 10.160.0.0/11: distinct from the throughput loads
     per_tick = max(1, rate // 100)
     created = [0.0] * total
     seen = [0.0] * total
@@ -470,11 +597,17 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
     ops = [("upsert", CtEntry.make(client(j, base), 1024 + j % 60000, VIP, 80, BACKENDS[j % 2],
                                    80, mark=MARKS[j % 2], timeout=600)) for j in range(total)]
     th = threading.Thread(target=listen, daemon=True)
-    spies = profile(lab, pair, "lag", seconds)
-    cpu0 = {pid: proc_cpu(pid) for pid in pair.pids()}
+    spies = profile(lab, pair, f"lag-{rate}", seconds)
+    loops = tolerant(lambda: {s: pair.stats(s)["loop"] for s in pair.procs}, None) \
+        if pair.name == "nftsync" else (lambda: None)
+    loop0 = loops()
+    pids = {side: p.pid for side, p in pair.procs.items()}
+    cpu0 = {side: proc_cpu(pid) for side, pid in pids.items()}
+    own0 = time.process_time()
     th.start()
     t_start = time.monotonic()
     i = 0
+    late_ticks = 0  # ticks that started more than one tick late: the generator fell behind
     try:
         tick = 0
         while i < total:
@@ -482,6 +615,8 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
             delay = target - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            elif delay < -0.01:
+                late_ticks += 1
             batch = ops[i:i + per_tick]
             now = time.monotonic()
             for j in range(i, i + len(batch)):
@@ -492,9 +627,11 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
             if time.monotonic() - t_start > seconds * 3:
                 break  # the writer itself cannot keep the rate: stop, bounded
         t_gen = time.monotonic() - t_start
+        own_gen = time.process_time() - own0
         th.join(timeout=30)
-        cpu1 = {pid: proc_cpu(pid) for pid in pair.pids()}
+        cpu1 = {side: proc_cpu(pid) for side, pid in pids.items()}
         t_all = time.monotonic() - t_start
+        loop1 = loops()
     finally:
         for spy in spies:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -509,16 +646,24 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
     for s0 in range(0, i, rate):
         w = [(seen[j] - created[j]) * 1000 for j in range(s0, min(i, s0 + rate)) if seen[j]]
         per_s.append(round(max(w), 1) if w else None)
-    cpu = sum(cpu1[p] - cpu0[p] for p in cpu0)
+    cpu = {side: cpu1[side] - cpu0[side] for side in cpu0}
 
     def pct(q: float) -> float | None:
         return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else None
 
-    return {"rate": rate, "generated": i, "gen_s": t_gen, "received": len(lags),
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lags[-1] if lags else None,
-            "mean_ms": statistics.fmean(lags) if lags else None, "overruns": overruns[0],
-            "max_ms_per_s": per_s, "cpu_s": cpu, "cpu_pct": 100 * cpu / t_all,
-            "cpu_per_pid": {str(p): round(cpu1[p] - cpu0[p], 2) for p in cpu0}}
+    res = {"rate": rate, "generated": i, "gen_s": t_gen,
+           "achieved_rate": round(i / t_gen) if t_gen else None, "late_ticks": late_ticks,
+           "generator_cpu_pct": round(100 * own_gen / t_gen, 1) if t_gen else None,
+           "received": len(lags),
+           "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lags[-1] if lags else None,
+           "mean_ms": statistics.fmean(lags) if lags else None, "overruns": overruns[0],
+           "max_ms_per_s": per_s, "cpu_s": sum(cpu.values()),
+           "cpu_pct": 100 * sum(cpu.values()) / t_all,
+           "cpu_pct_per_daemon": {side: round(100 * c / t_all, 1) for side, c in cpu.items()}}
+    if pair.name == "nftsync":
+        res["loop"] = {side: loop_delta(loop0 and loop0.get(side), loop1 and loop1.get(side))
+                       for side in pids}
+    return res
 
 
 def tolerant(fn, default=0):
@@ -536,17 +681,7 @@ def resync(lab: Lab, pair: NftsyncPair, m: int, timeout: float) -> dict:
     at start-up (a slow, quadratic kernel dump: not timed); then B's daemon starts empty and
     gets them in A's snapshot: time from B's start until B's kernel map received all m."""
     lab.reset()
-    f = lab.workdir / f"elements-{m}.nft"
-    if not f.exists():
-        lines = []
-        for s in range(0, m, 5000):
-            elems = ", ".join(f"{client(i, 128)} expires 3000s : {MARKS[i % 2]:#x}"
-                              for i in range(s, min(m, s + 5000)))
-            lines.append(f"add element {MAP_REF} {{ {elems} }}\n")
-        f.write_text("".join(lines))
-    t0 = time.monotonic()
-    netns.run(lab.ns["a"], "nft", "-f", str(f), timeout=timeout)
-    t_nft = time.monotonic() - t0
+    t_nft = load_map(lab, "a", m, timeout)
     t0 = time.monotonic()
     pair.start_one("a", timeout)
     a_has = tolerant(lambda: sum(pair.stats("a")["sessions"].values()) >= m, False)
@@ -567,6 +702,129 @@ def resync(lab: Lab, pair: NftsyncPair, m: int, timeout: float) -> dict:
     return res
 
 
+def load_map(lab: Lab, side: str, m: int, timeout: float) -> float:
+    """Put m sessions (10.128.0.0/12, expires 3000 s) into a side's map with one `nft -f`;
+    returns how long it took."""
+    f = lab.workdir / f"elements-{m}.nft"
+    if not f.exists():
+        lines = []
+        for s in range(0, m, 5000):
+            elems = ", ".join(f"{client(i, 128)} expires 3000s : {MARKS[i % 2]:#x}"
+                              for i in range(s, min(m, s + 5000)))
+            lines.append(f"add element {MAP_REF} {{ {elems} }}\n")
+        f.write_text("".join(lines))
+    t0 = time.monotonic()
+    netns.run(lab.ns[side], "nft", "-f", str(f), timeout=timeout)
+    return time.monotonic() - t0
+
+
+def startup(lab: Lab, pair: NftsyncPair, m: int, timeout: float) -> dict:
+    """A's map holds m sessions and B's daemon runs; A's daemon starts. From A's process start:
+    (a) `ctl status` answers, (b) a connection made on A after the start has its session in B's
+    kernel map, (c) B holds all m sessions (+ the connections'), (d) A's peak RSS vs settled.
+    Waits that run out leave their figure None: the run goes on and the table shows "—"."""
+    lab.reset()
+    pair.start_one("b")
+    t_nft = load_map(lab, "a", m, timeout)
+    with netns.entered(lab.ns["a"]):
+        writer = CtWriter()
+    probe = ElemProbe(lab.ns["b"])
+    sock_a = pair.sock("a")
+    sock_a.unlink(missing_ok=True)
+    marks: dict[str, float] = {}  # what the ctl thread saw, in seconds from A's start
+    done = threading.Event()
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    proc = pair.spawn_one("a")
+
+    def watch_ctl() -> None:
+        """Ask A `status` until it answers, then `stats` until A holds the m sessions. One
+        request at a time with a long socket timeout: a busy daemon answers when it can, and
+        that moment is what is measured (bounded by the deadline)."""
+        while not done.is_set() and time.monotonic() < deadline:
+            left = max(0.1, min(30.0, deadline - time.monotonic()))
+            try:
+                if "ctl_s" not in marks:
+                    control(sock_a, "status", timeout=left)
+                    marks["ctl_s"] = time.monotonic() - t0
+                    continue
+                if sum(control(sock_a, "stats", timeout=left)["sessions"].values()) >= m:
+                    marks["a_sessions_s"] = time.monotonic() - t0
+                    return
+            except (OSError, RuntimeError, ValueError):
+                pass
+            time.sleep(0.05 if "ctl_s" not in marks else 0.25)
+
+    th = threading.Thread(target=watch_ctl, daemon=True)
+    th.start()
+    probes: list[tuple[str, float]] = []  # (client, made at: s from A's start)
+    t_first = first_probe = t_all = None
+    count_b, last_count, next_probe = 0, 0.0, 0.0
+    rss_trace = []  # A's RSS every 5 s (MiB): where the start-up's memory goes
+    next_rss = 1.0
+    exited = None
+    try:
+        while time.monotonic() < deadline:
+            now = time.monotonic() - t0
+            if proc.poll() is not None:
+                exited = proc.returncode
+                break
+            if now >= next_rss:
+                next_rss += 5.0
+                with contextlib.suppress(OSError):
+                    rss_trace.append((round(now, 1), proc_rss_kib(proc.pid) // 1024))
+            if t_first is None and now >= next_probe:
+                next_probe += 0.5
+                k = len(probes)
+                addr = client(k, PROBE_BASE)
+                writer.apply([("upsert", CtEntry.make(addr, 1024 + k, VIP, 80, BACKENDS[k % 2],
+                                                      80, mark=MARKS[k % 2], timeout=600))])
+                probes.append((addr, time.monotonic() - t0))
+            if t_first is None:
+                for addr, at in probes:
+                    if probe.has(addr):
+                        t_first, first_probe = time.monotonic() - t0, {"client": addr,
+                                                                         "created_s": at}
+                        break
+            elif t_all is None and now - last_count >= 0.25:
+                # The map's m, not counting the new connections: those made before A opened
+                # its event sockets have no session (A's start-up dump of conntrack learns no
+                # sessions: on a real node the farm's rule has put them in the map already).
+                last_count = now
+                count_b = tolerant(pair.sessions_on_b)()
+                if count_b - sum(probe.has(addr) for addr, _ in probes) >= m:
+                    t_all = time.monotonic() - t0
+            if t_all is not None and "a_sessions_s" in marks:
+                break
+            time.sleep(0.05)
+        done.set()
+        th.join(timeout=35)
+        settled = {}
+        if exited is None and t_all is not None:
+            time.sleep(2.0)  # settled: B holds everything; A's own read may finish later
+            settled = proc_mem_kib(proc.pid)
+        mem = proc_mem_kib(proc.pid) if exited is None else {}
+        probes_on_b = sum(probe.has(addr) for addr, _ in probes)
+        a_stats = tolerant(lambda: pair.stats("a"), None)()
+        b_stats = tolerant(lambda: pair.stats("b"), None)()
+    finally:
+        done.set()
+        writer.close()
+        probe.close()
+        pair.stop()
+    return {"m": m, "nft_load_s": t_nft, "timeout_s": timeout, "a_exited": exited,
+            "ctl_s": marks.get("ctl_s"), "new_conn_on_b_s": t_first, "first_probe": first_probe,
+            "probes": len(probes), "probes_on_b": probes_on_b, "all_on_b_s": t_all,
+            "sessions_on_b": count_b,
+            "a_sessions_s": marks.get("a_sessions_s"),
+            "a_hwm_kib": mem.get("hwm"), "a_rss_settled_kib": settled.get("rss"),
+            "a_rss_end_kib": mem.get("rss"), "a_rss_trace_mib": rss_trace,
+            "a_loop": a_stats and a_stats["loop"],
+            "a_sessions_end": a_stats and sum(a_stats["sessions"].values()),
+            "b_sessions_end": b_stats and sum(b_stats["sessions"].values()),
+            "b_failed": b_stats and b_stats["kernel"]["nft"]["failed"]}
+
+
 # -- main ----------------------------------------------------------------------------------------
 def fmt(x, unit: str = "", nd: int = 2) -> str:
     return "—" if x is None else f"{x:.{nd}f}{unit}"
@@ -576,9 +834,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--systems", default="nftsync,conntrackd")
-    ap.add_argument("--rate", type=int, default=10_000)
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rates", default="10000,40000",
+                    help="steady rates (new entries/s on A), one lag run per rate and system")
+    ap.add_argument("--rate", type=int, help="one steady rate (the same as --rates N)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each steady run")
     ap.add_argument("--resync", type=int, default=1_000_000, help="0: skip")
+    ap.add_argument("--startup", type=int, default=1_000_000,
+                    help="sessions in A's map when its daemon starts (nftsync); 0: skip")
+    ap.add_argument("--startup-timeout", type=float,
+                    help="bound of the start-up measurement in s (default 120 + M/2000)")
     ap.add_argument("--skip", default="", help="comma list of: throughput,lag")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--logs", type=Path, help="copy the daemons' logs here at the end")
@@ -588,10 +852,13 @@ def main() -> int:
     PROFILE_DIR = args.profile
     if PROFILE_DIR:
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = [int(s) for s in args.sizes.split(",") if s and int(s)]
+    rates = [args.rate] if args.rate else [int(r) for r in args.rates.split(",") if r]
     skip = set(args.skip.split(","))
     results: dict = {"machine": {"nproc": os.cpu_count(), "kernel": os.uname().release,
-                                 "load_before": os.getloadavg()}}
+                                 "load_before": os.getloadavg()},
+                     "args": {"sizes": sizes, "rates": rates, "seconds": args.seconds,
+                              "resync": args.resync, "startup": args.startup}}
     with tempfile.TemporaryDirectory(prefix="bench-repl-") as tmp:
         lab = Lab(Path(tmp))
         try:
@@ -607,14 +874,19 @@ def main() -> int:
                         r.setdefault("throughput", []).append(res)
                         print(f"[{sysname}] throughput {n}: {res}", flush=True)
                 if "lag" not in skip:
-                    res = steady_lag(lab, pair, args.rate, args.seconds)
-                    r["lag"] = res
-                    print(f"[{sysname}] lag: {res}", flush=True)
+                    for rate in rates:
+                        res = steady_lag(lab, pair, rate, args.seconds)
+                        r.setdefault("lag", []).append(res)
+                        print(f"[{sysname}] lag at {rate}/s: {res}", flush=True)
                 if sysname == "nftsync" and args.resync:
-                    lab.ensure_ct_max(0)
                     res = resync(lab, pair, args.resync, timeout=300)
                     r["resync"] = res
                     print(f"[{sysname}] resync: {res}", flush=True)
+                if sysname == "nftsync" and args.startup:
+                    bound = args.startup_timeout or 120 + args.startup / 2000
+                    res = startup(lab, pair, args.startup, timeout=bound)
+                    r["startup"] = res
+                    print(f"[{sysname}] startup: {res}", flush=True)
         finally:
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
@@ -628,33 +900,106 @@ def main() -> int:
     return 0
 
 
+def ratio(cd, ns) -> float | None:
+    """conntrackd's figure / nftsync's: above 1, nftsync is faster, lighter or shorter."""
+    return cd / ns if cd is not None and ns and cd >= 0 and ns > 0 else None
+
+
+def row(label: str, ns: str, cd: str = "n/a", r: float | None = None) -> None:
+    print(f"| {label} | {ns} | {cd} | {fmt(r, '×')} |")
+
+
+def mib(kib) -> str:
+    return "—" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def loop_text(d: dict | None) -> str:
+    if not d:
+        return "—"
+    mx = f"{d['max_ms']:.1f} ms" if d["max_ms"] is not None else f"≤ {d['max_le_ms']} ms"
+    return f"{d['over_2ms']} over 2 ms of {d['samples']}, max {mx}"
+
+
 def print_table(results: dict) -> None:
     ns, cd = results.get("nftsync", {}), results.get("conntrackd", {})
-    print("\n| measure | nftsync | conntrackd | ratio (conntrackd time / nftsync time) |")
+    print("\n| measure | nftsync | conntrackd | ratio conntrackd / nftsync (> 1: nftsync better) |")
     print("|---|---|---|---|")
     cdt = {t["n"]: t for t in cd.get("throughput", [])}
-    for t in ns.get("throughput", []) or cd.get("throughput", []):
-        n = t["n"]
-        a = t if ns else None
-        b = cdt.get(n)
-        ratio = (b["ct_s"] / a["ct_s"]) if a and b and a["ct_s"] and b["ct_s"] else None
+    nst = {t["n"]: t for t in ns.get("throughput", [])}
+    for n in sorted(set(cdt) | set(nst)):
+        a, b = nst.get(n), cdt.get(n)
         sess = f", sessions {fmt(a.get('sessions_s'), ' s')}" if a else ""
-        print(f"| {n} entries on B | conntrack {fmt(a and a['ct_s'], ' s')}{sess} | "
-              f"{fmt(b and b['ct_s'], ' s')} | {fmt(ratio, '×')} |")
-    for label, key in (("lag p50", "p50_ms"), ("lag p99", "p99_ms"), ("lag max", "max_ms")):
-        a, b = ns.get("lag", {}).get(key), cd.get("lag", {}).get(key)
-        print(f"| {label} at {results.get('rate', '10k')}/s | {fmt(a, ' ms')} | "
-              f"{fmt(b, ' ms')} | |")
-    a, b = ns.get("lag", {}).get("cpu_pct"), cd.get("lag", {}).get("cpu_pct")
-    print(f"| CPU of both daemons at the steady rate | {fmt(a, ' %', 1)} | {fmt(b, ' %', 1)} | |")
-    for sysname, r in (("nftsync", ns), ("conntrackd", cd)):
-        for t in r.get("throughput", []):
-            d = sum(v[1] - v[0] for v in t["rss_kib"].values())
-            print(f"| {sysname} RSS growth, both daemons, {t['n']} entries | "
-                  f"{d / 1024:.1f} MiB ({d / 1024 / (t['n'] / 100_000):.1f} MiB/100k) | | |")
+        row(f"{n} entries on B", f"conntrack {fmt(a and a['ct_s'], ' s')}{sess}",
+            fmt(b and b["ct_s"], " s"), ratio(b and b["ct_s"], a and a["ct_s"]))
+    for n in sorted(set(cdt) | set(nst)):
+        a, b = (nst.get(n) or {}).get("memory"), (cdt.get(n) or {}).get("memory")
+
+        def per(m, key):
+            return None if not m or None in (m["a"][key], m["b"][key]) else \
+                m["a"][key] + m["b"][key]
+
+        row(f"{n}: RSS growth per connection, A + B", fmt(per(a, "b_per_conn"), " B", 0) +
+            (f" (A {a['a']['b_per_conn']}, B {a['b']['b_per_conn']})" if a else ""),
+            fmt(per(b, "b_per_conn"), " B", 0) +
+            (f" (A {b['a']['b_per_conn']}, B {b['b']['b_per_conn']})" if b else ""),
+            ratio(per(b, "b_per_conn"), per(a, "b_per_conn")))
+        def both(m, key):
+            return "—" if not m else f"{fmt(m['a'][key], ' B', 0)} / {fmt(m['b'][key], ' B', 0)}"
+
+        row(f"{n}: RSS growth per replicated entry (nftsync: conntrack + session; "
+            "conntrackd: conntrack), A / B (ratio: A's)", both(a, "b_per_entry"),
+            both(b, "b_per_entry"), ratio(b and b["a"]["b_per_entry"],
+                                          a and a["a"]["b_per_entry"]))
+
+        def peak(m):
+            return "—" if not m else " ; ".join(
+                f"{s.upper()} {mib(m[s]['hwm_kib'])} / {mib(m[s]['rss_kib'])}" for s in ("a", "b"))
+
+        row(f"{n}: peak RSS (VmHWM) / RSS after the load", peak(a), peak(b))
+    cdl = {x["rate"]: x for x in cd.get("lag", [])}
+    nsl = {x["rate"]: x for x in ns.get("lag", [])}
+    for rate in sorted(set(cdl) | set(nsl)):
+        a, b = nsl.get(rate, {}), cdl.get(rate, {})
+
+        def got(x):
+            return "—" if not x else (f"{x['achieved_rate']}/s ({x['generated']} made, "
+                                      f"{x['received']} seen on B, generator CPU "
+                                      f"{x['generator_cpu_pct']} %)")
+
+        row(f"rate achieved, asked {rate}/s (lags: of the entries seen on B)", got(a), got(b))
+        for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("max", "max_ms")):
+            row(f"lag {label} at {rate}/s", fmt(a.get(key), " ms"), fmt(b.get(key), " ms"),
+                ratio(b.get(key), a.get(key)))
+
+        def cpu(x):
+            if not x:
+                return "—"
+            d = x["cpu_pct_per_daemon"]
+            return f"{x['cpu_pct']:.1f} % (A {d['a']} %, B {d['b']} %)"
+
+        row(f"CPU of the daemons at {rate}/s (% of one core)", cpu(a), cpu(b),
+            ratio(b.get("cpu_pct"), a.get("cpu_pct")))
+        for side in ("a", "b"):
+            row(f"nftsync {side.upper()}'s event-loop pauses during the {rate}/s run",
+                loop_text((a.get("loop") or {}).get(side)))
     if "resync" in ns:
         r = ns["resync"]
-        print(f"| full resync of {r['m']} sessions | {fmt(r['resync_s'], ' s')} | n/a | |")
+        row(f"full resync of {r['m']} sessions", fmt(r["resync_s"], " s"))
+    if "startup" in ns:
+        r = ns["startup"]
+        m = r["m"]
+        row(f"start-up beside {m} sessions: A's `ctl status` answers", fmt(r["ctl_s"], " s"))
+        row(f"start-up beside {m}: a connection made on A after its start has its session on B",
+            fmt(r["new_conn_on_b_s"], " s") + (
+                f" (made at {r['first_probe']['created_s']:.1f} s)" if r["first_probe"] else ""))
+        short = f" (not within {r['timeout_s']:.0f} s: A held {r['a_sessions_end']}, B " \
+            f"{r['b_sessions_end']})"
+        row(f"start-up beside {m}: B holds all {m} sessions", fmt(r["all_on_b_s"], " s") +
+            ("" if r["all_on_b_s"] is not None else short))
+        row(f"start-up beside {m}: A holds all {m} sessions", fmt(r["a_sessions_s"], " s") +
+            ("" if r["a_sessions_s"] is not None else short))
+        row(f"start-up beside {m}: A's peak RSS (VmHWM) / RSS settled",
+            f"{mib(r['a_hwm_kib'])} / {mib(r['a_rss_settled_kib'])}")
 
 
 if __name__ == "__main__":

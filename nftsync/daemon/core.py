@@ -29,7 +29,7 @@ from .farms import ReplicatedMap
 from .learn import Learner
 from .legacy import LegacyMap
 from .links import Links
-from .loopwatch import LoopWatch
+from .loopwatch import GcWatch, LoopWatch
 from .replicator import Replicator
 
 log = logging.getLogger("nftsync.daemon")
@@ -53,6 +53,7 @@ class Daemon:
         self.learner = Learner(self.replicator, self.links)
         self.expired = 0
         self.loop_watch = LoopWatch()
+        self.gc_watch = GcWatch()
         self._last_full_gc = time.monotonic()
         self._capped_seen = 0  # replica.capped at the last warning (one line a second at most)
         self._tasks: list[asyncio.Task] = []
@@ -81,9 +82,11 @@ class Daemon:
             self.learner.read_maps()
             self._tasks.append(asyncio.create_task(self._housekeeping()))
             self._tasks.append(asyncio.create_task(self.loop_watch.run()))
+            self.gc_watch.install()
             await self._stop.wait()
         finally:
             log.info("stopping")
+            self.gc_watch.remove()
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -202,6 +205,7 @@ class Daemon:
                        "nftables": _stats(self.learner.nft_stats)},
             "peers": {lk.name: lk.as_dict() for lk in self.links.all()},
             "loop": self.loop_watch.as_dict(),  # how long the event loop could not run
+            "gc": self.gc_watch.as_dict(),  # ... and how much of that the cyclic GC took
             "reads": self.learner.startup_stats(),  # the kernel's conntrack and maps, read
             "last_error": r.last_error,
         }

@@ -4,11 +4,16 @@ Everything the daemon does (learning, sending, merging, the control socket) runs
 loop, so a slow step anywhere delays everything else, and replication lag grows by that much. A
 task sleeps for a short interval over and over and records how late it woke up; the histogram
 of those pauses is in `nftsync ctl stats` ("loop"), cheap enough to run always.
+
+The cyclic garbage collector is one known cause of pauses (it walks every tracked object of the
+generations it collects): `GcWatch` times each collection through `gc.callbacks`, so a pause in
+the histogram can be told apart from one of the GC ("gc" in `ctl stats`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 INTERVAL_S = 0.01
@@ -53,3 +58,35 @@ class LoopWatch:
                 "max_ms": round(self.max_ms, 3), "sum_ms": round(self.total_ms, 3),
                 "le_ms": cumulative, "over_2ms": self.samples - cumulative["2"],
                 "since_s": round(time.monotonic() - self.started, 1)}
+
+
+class GcWatch:
+    """Time spent in the cyclic GC, per generation, from `gc.callbacks` (while installed)."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.total_ms = [0.0, 0.0, 0.0]
+        self.max_ms = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def remove(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        gen = min(int(info.get("generation", 2)), 2)
+        ms = (time.perf_counter() - self._t0) * 1000
+        self.collections[gen] += 1
+        self.total_ms[gen] += ms
+        self.max_ms[gen] = max(self.max_ms[gen], ms)
+
+    def as_dict(self) -> dict:
+        return {f"gen{g}": {"collections": self.collections[g],
+                            "sum_ms": round(self.total_ms[g], 3),
+                            "max_ms": round(self.max_ms[g], 3)} for g in range(3)}

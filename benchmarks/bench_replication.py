@@ -153,8 +153,15 @@ def restore_lines(n: int) -> str:
 # -- processes and kernel state ------------------------------------------------------------------
 def proc_cpu(pid: int) -> float:
     """utime + stime of a process in seconds."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds: user space (for nftsync: Python) and the
+    kernel's work done in its system calls (conntrack and map writes, event delivery)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
 
 
 def proc_mem_kib(pid: int) -> dict[str, int]:
@@ -559,6 +566,16 @@ def loop_delta(before: dict | None, after: dict | None) -> dict | None:
             "le_ms": le, "count_le_ms": {k: v for k, v in per_bucket.items() if v}}
 
 
+def gc_delta(before: dict | None, after: dict | None) -> dict | None:
+    """Cyclic GC collections and time over a run, all generations together, and the longest."""
+    if not before or not after:
+        return None
+    gens = list(after)
+    return {"collections": sum(after[g]["collections"] - before[g]["collections"] for g in gens),
+            "sum_ms": round(sum(after[g]["sum_ms"] - before[g]["sum_ms"] for g in gens), 1),
+            "max_ms_since_start": max(after[g]["max_ms"] for g in gens)}
+
+
 def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
     """`rate` new entries/s on A for `seconds`; lag of each one's NEW event on B."""
     lab.reset()
@@ -598,11 +615,12 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
                                    80, mark=MARKS[j % 2], timeout=600)) for j in range(total)]
     th = threading.Thread(target=listen, daemon=True)
     spies = profile(lab, pair, f"lag-{rate}", seconds)
-    loops = tolerant(lambda: {s: pair.stats(s)["loop"] for s in pair.procs}, None) \
+    loops = tolerant(lambda: {s: {"loop": st["loop"], "gc": st.get("gc")} for s in pair.procs
+                              for st in (pair.stats(s),)}, None) \
         if pair.name == "nftsync" else (lambda: None)
     loop0 = loops()
     pids = {side: p.pid for side, p in pair.procs.items()}
-    cpu0 = {side: proc_cpu(pid) for side, pid in pids.items()}
+    cpu0 = {side: proc_cpu_split(pid) for side, pid in pids.items()}
     own0 = time.process_time()
     th.start()
     t_start = time.monotonic()
@@ -629,7 +647,7 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
         t_gen = time.monotonic() - t_start
         own_gen = time.process_time() - own0
         th.join(timeout=30)
-        cpu1 = {side: proc_cpu(pid) for side, pid in pids.items()}
+        cpu1 = {side: proc_cpu_split(pid) for side, pid in pids.items()}
         t_all = time.monotonic() - t_start
         loop1 = loops()
     finally:
@@ -646,7 +664,8 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
     for s0 in range(0, i, rate):
         w = [(seen[j] - created[j]) * 1000 for j in range(s0, min(i, s0 + rate)) if seen[j]]
         per_s.append(round(max(w), 1) if w else None)
-    cpu = {side: cpu1[side] - cpu0[side] for side in cpu0}
+    user = {side: cpu1[side][0] - cpu0[side][0] for side in cpu0}
+    cpu = {side: user[side] + cpu1[side][1] - cpu0[side][1] for side in cpu0}
 
     def pct(q: float) -> float | None:
         return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else None
@@ -659,10 +678,13 @@ def steady_lag(lab: Lab, pair, rate: int, seconds: float) -> dict:
            "mean_ms": statistics.fmean(lags) if lags else None, "overruns": overruns[0],
            "max_ms_per_s": per_s, "cpu_s": sum(cpu.values()),
            "cpu_pct": 100 * sum(cpu.values()) / t_all,
-           "cpu_pct_per_daemon": {side: round(100 * c / t_all, 1) for side, c in cpu.items()}}
+           "cpu_pct_per_daemon": {side: round(100 * c / t_all, 1) for side, c in cpu.items()},
+           "user_pct_per_daemon": {side: round(100 * c / t_all, 1) for side, c in user.items()}}
     if pair.name == "nftsync":
-        res["loop"] = {side: loop_delta(loop0 and loop0.get(side), loop1 and loop1.get(side))
-                       for side in pids}
+        res["loop"] = {side: loop_delta(loop0 and loop0[side]["loop"],
+                                        loop1 and loop1[side]["loop"]) for side in pids}
+        res["gc"] = {side: gc_delta(loop0 and loop0[side]["gc"], loop1 and loop1[side]["gc"])
+                     for side in pids}
     return res
 
 
@@ -974,14 +996,18 @@ def print_table(results: dict) -> None:
         def cpu(x):
             if not x:
                 return "—"
-            d = x["cpu_pct_per_daemon"]
-            return f"{x['cpu_pct']:.1f} % (A {d['a']} %, B {d['b']} %)"
+            d, u = x["cpu_pct_per_daemon"], x.get("user_pct_per_daemon", {})
+            return (f"{x['cpu_pct']:.1f} % (A {d['a']} %, B {d['b']} %; of which user space "
+                    f"A {u.get('a', '?')} %, B {u.get('b', '?')} %)")
 
         row(f"CPU of the daemons at {rate}/s (% of one core)", cpu(a), cpu(b),
             ratio(b.get("cpu_pct"), a.get("cpu_pct")))
         for side in ("a", "b"):
+            g = (a.get("gc") or {}).get(side)
+            gc_text = "" if not g else (f"; cyclic GC: {g['collections']} collections, "
+                                        f"{g['sum_ms']} ms")
             row(f"nftsync {side.upper()}'s event-loop pauses during the {rate}/s run",
-                loop_text((a.get("loop") or {}).get(side)))
+                loop_text((a.get("loop") or {}).get(side)) + gc_text)
     if "resync" in ns:
         r = ns["resync"]
         row(f"full resync of {r['m']} sessions", fmt(r["resync_s"], " s"))

@@ -345,6 +345,10 @@ class NftsyncPair:
                "--socket", str(self.sock(side)), "--node-name", f"bench-{side}",
                "--node-id", str(node_id), "--cluster", "bench",
                "--role", "active" if side == "a" else "backup"]
+        if REALTIME:
+            conf = self.lab.workdir / "nftsync-realtime.toml"
+            conf.write_text(f"realtime_priority = {REALTIME}\n")
+            cmd += ["--config", str(conf)]
         self.sock(side).unlink(missing_ok=True)
         self.procs[side] = self.lab.spawn(side, cmd, self.lab.workdir / f"nftsync-{side}.log")
         return self.procs[side]
@@ -436,6 +440,7 @@ class ConntrackdPair:
 
 
 PROFILE_DIR: Path | None = None
+REALTIME = 0  # realtime_priority of the nftsync daemons (--realtime)
 
 
 def profile(lab: Lab, pair, what: str, seconds: float) -> list[subprocess.Popen]:
@@ -869,9 +874,13 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--logs", type=Path, help="copy the daemons' logs here at the end")
     ap.add_argument("--profile", type=Path, help="py-spy the nftsync daemons into this dir")
+    ap.add_argument("--realtime", type=int, default=0, metavar="N",
+                    help="run the nftsync daemons with realtime_priority = N (SCHED_RR, as "
+                    "conntrackd runs by default at 99); 0: SCHED_OTHER")
     args = ap.parse_args()
-    global PROFILE_DIR
+    global PROFILE_DIR, REALTIME
     PROFILE_DIR = args.profile
+    REALTIME = args.realtime
     if PROFILE_DIR:
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",") if s and int(s)]
@@ -880,7 +889,8 @@ def main() -> int:
     results: dict = {"machine": {"nproc": os.cpu_count(), "kernel": os.uname().release,
                                  "load_before": os.getloadavg()},
                      "args": {"sizes": sizes, "rates": rates, "seconds": args.seconds,
-                              "resync": args.resync, "startup": args.startup}}
+                              "resync": args.resync, "startup": args.startup,
+                              "realtime": args.realtime}}
     with tempfile.TemporaryDirectory(prefix="bench-repl-") as tmp:
         lab = Lab(Path(tmp))
         try:

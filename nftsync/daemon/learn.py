@@ -50,7 +50,8 @@ from .replicator import Replicator
 
 log = logging.getLogger("nftsync.daemon")
 
-SLICE_S = 0.001  # the start-up reads give the loop back after about this long
+SLICE_S = 0.001  # the map reads give the loop back after about this long...
+POLL_S = 0.002  # ... for this long at least
 SLICE_ELEMENTS = 64  # map elements applied between two looks at the clock (~0.2 ms)
 READ_WINDOW = 8  # datagrams (<= 32 KiB, ~800 elements each) handed to the loop, not yet applied
 MIN_PASSES, MAX_PASSES = 2, 4  # reads of one map (see Learner._end_read)
@@ -83,7 +84,7 @@ class Learner:
         self.slowest_slice_ms = 0.0
         self._dumper: DumpThread | None = None
         self._backlog: deque[Iterator[None]] = deque()
-        self._working = False
+        self._poll_handle: asyncio.TimerHandle | None = None
         self._unsent = False  # found state taken since the last snapshot we asked for
         self._derived: dict[str, list[bytes]] = {}  # map -> sessions derived from conntrack
 
@@ -114,6 +115,8 @@ class Learner:
         loop.add_reader(self._nft_events.fileno(), self._on_nft_events)
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
         if self._dumper is not None:
             self._dumper.close()
         for sock in (self._ct_events, self._nft_events):
@@ -263,8 +266,7 @@ class Learner:
     def _next_pass(self, read: MapRead) -> None:
         """Queue one pass over the map: a dump, in the reading thread (`DumpThread`)."""
         if self._dumper is None:
-            self._dumper = DumpThread(asyncio.get_running_loop(), self._arrived,
-                                      self._dumped, window=READ_WINDOW)
+            self._dumper = DumpThread(window=READ_WINDOW)
         ref = read.rmap.smap.ref
         read.queued = True
         read.pass_taken = read.pass_changed = read.pass_elements = 0
@@ -274,24 +276,30 @@ class Learner:
             return SetElemDump(ref.family, ref.table, ref.name)
 
         self._dumper.submit(read, open_dump)
+        self._poll_soon()
 
-    # The thread hands over datagrams (`_arrived`) and the end (`_dumped`) in order; the loop
-    # works through them as generators, a slice at a time (`_work`).
-    def _arrived(self, read: MapRead, data: bytes, mono: float, wall: int) -> None:
-        self._queue(self._apply_datagram(read, data, mono, wall))
+    # The loop polls the reading thread every POLL_S while a read is on, takes what came and
+    # works through it as generators, for about SLICE_S at a time, then sleeps again: the
+    # thread is never waiting long for the GIL, so it never forces the loop to give it up
+    # (nftsync.netlink.setdump.DumpThread says what that costs).
+    def _poll_soon(self) -> None:
+        if self._poll_handle is None:
+            self._poll_handle = asyncio.get_running_loop().call_later(POLL_S, self._poll)
 
-    def _dumped(self, read: MapRead, dump: SetElemDump | None,
-                error: BaseException | None) -> None:
-        self._queue(self._end_read(read, dump, error))
-
-    def _queue(self, work: Iterator[None]) -> None:
-        self._backlog.append(work)
-        if not self._working:
-            self._working = True
-            asyncio.get_running_loop().call_soon(self._work)
+    def _poll(self) -> None:
+        self._poll_handle = None
+        assert self._dumper is not None
+        for job, data, mono_or_dump, wall_or_error in self._dumper.take():
+            if data is not None:
+                self._backlog.append(self._apply_datagram(job, data, mono_or_dump, wall_or_error))
+            else:
+                self._backlog.append(self._end_read(job, mono_or_dump, wall_or_error))
+        self._work()
+        if self._backlog or any(r.ended is None for r in self._all_reads()):
+            self._poll_soon()
 
     def _work(self) -> None:
-        """Run queued work for about SLICE_S, then give the loop back (and come again)."""
+        """Run queued work for about SLICE_S."""
         start = time.perf_counter()
         deadline = start + SLICE_S
         backlog = self._backlog
@@ -309,10 +317,6 @@ class Learner:
         finally:
             self.slowest_slice_ms = max(self.slowest_slice_ms,
                                         (time.perf_counter() - start) * 1000)
-            if backlog:
-                asyncio.get_running_loop().call_soon(self._work)
-            else:
-                self._working = False
 
     def _apply_datagram(self, read: MapRead, data: bytes, mono: float,
                         wall: int) -> Iterator[None]:
@@ -416,12 +420,14 @@ class Learner:
         read.passes += 1
         if dump is not None:
             read.interrupted += dump.interrupted
+        self._unsent = self._unsent or bool(read.pass_taken)
         ref = read.rmap.smap.ref
         if error is None and read.pass_elements and read.passes < MAX_PASSES and (
                 read.passes < MIN_PASSES or read.pass_taken or read.pass_changed):
             log.info("map %s: pass %d: %d element(s), %d taken%s; reading it again", ref,
                      read.passes, read.pass_elements, read.pass_taken,
                      f", {read.pass_changed} changed" if read.pass_changed else "")
+            self._send_found()
             self._next_pass(read)
             return
         read.ended = time.monotonic()
@@ -439,9 +445,13 @@ class Learner:
                      if read.interrupted else "")
             if read.startup:
                 yield from self._drop_unconfirmed(read)
-        self._unsent = self._unsent or bool(read.taken)
-        if self._unsent and not any(r.ended is None for r in self._all_reads()):
-            # Found state travels only in snapshots (updates carry a node's own changes).
+        self._send_found()
+
+    def _send_found(self) -> None:
+        """Found state travels only in snapshots (updates carry a node's own changes): once
+        every map has been read through at least once, each peer gets a new snapshot if a pass
+        took anything since the last one (so peers have a 1M map after one pass, not two)."""
+        if self._unsent and all(r.passes or r.ended is not None for r in self._all_reads()):
             self._unsent = False
             for link in self.links.all():
                 if link.channel is not None:

@@ -19,6 +19,7 @@ happen in any one thread.
 
 from __future__ import annotations
 
+import collections
 import errno
 import queue
 import struct
@@ -249,27 +250,31 @@ class SetElemDump:
 
 
 class DumpThread:
-    """Reads dumps one after another in a thread of its own and hands each datagram to an
-    event loop: `deliver(job, data, mono, wall_ms)` runs in the loop (`call_soon_threadsafe`),
-    and `finish(job, dump, error)` after a dump's last datagram (error None, or what ended it;
-    dump None if it could not be opened).
+    """Reads dumps one after another in a thread of its own, for an event loop that polls it.
 
-    Backpressure: at most `window` datagrams are handed over and not yet `release()`d by the
-    loop; past that the thread waits, and so does the kernel's dump (it builds the next
-    datagram only when we read). Memory stays at `window` x 32 KiB, however big the set and
-    however slow the loop. The thread's own Python work per datagram is a copy and a header
-    scan (microseconds): decoding is left to the loop, which can stop between any two elements,
-    whereas a thread holding the GIL for a whole datagram would pause the loop that long.
+    `submit(job, open_dump)` queues a dump; `take()` returns, without blocking, what came since
+    the last call, in order: `(job, data, mono, wall_ms)` for each datagram (see
+    `SetElemDump.datagrams`) and `(job, None, dump, error)` once a dump has ended (error None,
+    or what ended it; dump None if it could not be opened).
+
+    Backpressure: at most `window` datagrams are taken or waiting and not yet `release()`d; past
+    that the thread waits, and so does the kernel's dump (it builds the next datagram only when
+    we read). Memory stays at `window` x 32 KiB, however big the set and however slow the loop.
+
+    Why polled, not handed over with `call_soon_threadsafe`: waking the loop for each datagram
+    makes it wait for the GIL just as this thread gives it up to enter `recvmsg`, and the
+    kernel's walk of a big set, which then runs for tens of milliseconds on that CPU without
+    yielding it, is where the woken loop thread is often placed: measured at 1M, pauses of the
+    loop grew with the walk (up to 50 ms, every few seconds). The thread's own Python work per
+    datagram is a copy and a header scan (microseconds); decoding is the loop's, which can stop
+    between any two elements.
     """
 
-    def __init__(self, loop: Any, deliver: Callable[..., None], finish: Callable[..., None],
-                 window: int = 8) -> None:
-        self._loop = loop
-        self._deliver = deliver
-        self._finish = finish
+    def __init__(self, window: int = 8) -> None:
         self._room = threading.Semaphore(window)
         self._jobs: queue.SimpleQueue[tuple[object, Callable[[], SetElemDump]] | None] = \
             queue.SimpleQueue()
+        self._out: collections.deque[tuple[Any, ...]] = collections.deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -283,8 +288,14 @@ class DumpThread:
                                             daemon=True)
             self._thread.start()
 
+    def take(self) -> list[tuple[Any, ...]]:
+        out = []
+        while self._out:
+            out.append(self._out.popleft())
+        return out
+
     def release(self) -> None:
-        """The loop is done with one delivered datagram."""
+        """One taken datagram is done with."""
         self._room.release()
 
     def close(self, wait: float = 1.0) -> None:
@@ -297,7 +308,7 @@ class DumpThread:
         while not self._stop.is_set():
             item = self._jobs.get()
             if item is None:
-                break
+                return
             job, open_dump = item
             dump: SetElemDump | None = None
             error: BaseException | None = None
@@ -306,22 +317,11 @@ class DumpThread:
                 for data, mono, wall in dump.datagrams():
                     while not self._room.acquire(timeout=0.2):
                         if self._stop.is_set():
-                            break
-                    if self._stop.is_set() or not self._call(self._deliver, job, data, mono,
-                                                             wall):
-                        break
+                            return
+                    self._out.append((job, data, mono, wall))
             except Exception as exc:  # noqa: BLE001 - whatever ended it is the loop's to report
                 error = exc
             finally:
                 if dump is not None:
                     dump.close()
-            if self._stop.is_set() or not self._call(self._finish, job, dump, error):
-                break
-
-    def _call(self, fn: Callable[..., None], *args: object) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: the daemon is gone
-            self._stop.set()
-            return False
-        return True
+            self._out.append((job, None, dump, error))

@@ -7,7 +7,6 @@ element lost or decoded wrongly across datagram boundaries makes the comparison 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import threading
@@ -157,47 +156,37 @@ def test_dump_goes_on_through_changes(ns: str) -> None:
 
 
 def test_dump_thread_bounds_what_the_loop_holds(ns: str) -> None:
-    """A slow loop: the thread never hands over more than `window` datagrams not yet released,
-    delivers them in order and ends each dump once (an error, too)."""
+    """A slow reader: the thread never has more than `window` datagrams out and not yet
+    released, hands them over in order and ends each dump once (an error, too)."""
     make_map(ns, "ipv4_timed")
     window = 2
-    held: list[bytes] = []
-    most = 0
-    elements = 0
+    thread = DumpThread(window=window)
+    with netns.entered(ns):
+        # The thread opens dumps in its own (the process's) namespace: open them here.
+        dumps = {"map": SetElemDump("ip", "t", "ipv4_timed"),
+                 "gone": SetElemDump("ip", "t", "nothere")}
+    thread.submit("map", lambda: dumps["map"])
+    thread.submit("gone", lambda: dumps["gone"])
+    most = elements = 0
+    out = 0  # taken and not released
     ends: list[tuple[str, BaseException | None]] = []
-
-    async def main() -> None:
-        nonlocal most, elements
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-
-        def deliver(job: str, data: bytes, mono: float, wall: int) -> None:
-            nonlocal most
-            held.append(data)
-            most = max(most, len(held))
-
-        def finish(job: str, dump: SetElemDump | None, error: BaseException | None) -> None:
-            ends.append((job, error))
-            if len(ends) == 2:
-                done.set()
-
-        thread = DumpThread(loop, deliver, finish, window=window)
-        with netns.entered(ns):
-            # The thread opens the dumps in its own (the process's) namespace: open them here.
-            dumps = {"map": SetElemDump("ip", "t", "ipv4_timed"),
-                     "gone": SetElemDump("ip", "t", "nothere")}
-        thread.submit("map", lambda: dumps["map"])
-        thread.submit("gone", lambda: dumps["gone"])
-        try:
-            while not done.is_set():
-                await asyncio.sleep(0.01)  # slow: the thread waits for room meanwhile
-                while held:
-                    elements += sum(1 for _ in iter_elements(held.pop(0)))
-                    thread.release()
-        finally:
-            thread.close()
-
-    asyncio.run(asyncio.wait_for(main(), 120))
+    deadline = time.monotonic() + 120
+    try:
+        while len(ends) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # slow: the thread waits for room meanwhile
+            for job, data, _mono, error in thread.take():
+                if data is None:
+                    ends.append((job, error))
+                    continue
+                assert job == "map" and not ends
+                out += 1
+                most = max(most, out)
+                elements += sum(1 for _ in iter_elements(data))
+            while out:
+                thread.release()
+                out -= 1
+    finally:
+        thread.close()
     assert most <= window
     assert elements == N
     assert [j for j, _ in ends] == ["map", "gone"]

@@ -156,7 +156,9 @@ class NftSink:
         appeared with the context; it gets its port id when it first sends (autobind).
         None when that cannot be told for sure (then events are told apart by thread id)."""
         try:
-            self.nft.cmd("list tables")
+            # Any command binds the socket; not `list tables`: nft 1.0.6 fetches every set's
+            # elements for it (36 s and 1 GB beside a 1M-element map, docs/kernels.md).
+            self.nft.cmd("list chains")
             ports = netfilter_ports()
         except (NftsyncError, OSError):
             return

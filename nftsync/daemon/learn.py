@@ -343,12 +343,10 @@ class Learner:
         `wall` - (timeout - remaining)."""
         map_id = read.rmap.map_id
         replica = self.replica
-        table = replica.sessions.get(map_id)
-        if table is None:
+        if map_id not in replica.sessions:
             return
         default_ms = (read.rmap.smap.timeout or 0) * 1000
         order = sys.byteorder
-        derived = bool(self._derived.get(map_id))
         taken = 0
         for el in batch:
             data = el.data
@@ -362,11 +360,8 @@ class Learner:
             else:
                 expires = mono + left / 1000
                 refreshed = wall - max(0, (el.timeout_ms or default_ms) - left)
-            if derived:
-                cur = table.get(key)
-                if cur is not None and cur.origin == UNVERIFIED and \
-                        cur.updated_ms == FOUND_CT_MS:
-                    table.drop(key)  # derived from a connection: the element itself says more
+            # A session derived from a connection gives way to the element in place (it says
+            # more: the real expiry); found_session replaces found state by later found state.
             taken += replica.found_session(map_id, key, mark, expires, refreshed)
         read.taken += taken
         read.pass_taken += taken

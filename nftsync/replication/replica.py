@@ -191,7 +191,9 @@ class Replica:
         updated_ms = max(FOUND_CT_MS, refreshed_ms - FOUND_PENALTY_MS)
         table = self.sessions[map_id]
         cur = table.get(key)
-        if (cur is not None and cur.value == mark) or \
+        # A live-learned session with this mark stays; a found one (e.g. derived from a
+        # connection at start-up) gives way to a later found one in place.
+        if (cur is not None and cur.value == mark and cur.origin != UNVERIFIED) or \
                 not table.beats(key, updated_ms, UNVERIFIED, mark, -math.inf):
             return False
         table.put(key, mark, expires_at, updated_ms, UNVERIFIED)

@@ -174,6 +174,21 @@ def test_a_conntrack_copy_that_times_out_here_deletes_nothing_elsewhere() -> Non
     assert rec is not None and rec.op == OP_DELETE
 
 
+def test_later_found_state_replaces_earlier_found_state_not_live_state() -> None:
+    """A session derived from a connection at start-up (dated long ago) gives way to the map's
+    element read later (its real expiry, a later date), even with the same mark; a session
+    learned live with that mark stays."""
+    r = replica(1)
+    assert r.found_session(MAP, A, 0x200, 50.0, FOUND_CT_MS)  # derived from a connection
+    assert r.found_session(MAP, A, 0x200, 90.0, WALL)  # the element itself
+    got = r.sessions[MAP].get(A)
+    assert (got.value, got.expires_at, got.origin) == (0x200, 90.0, UNVERIFIED)
+    assert got.updated_ms > FOUND_CT_MS
+    r.local_session(MAP, B, 0x201, 120.0, 0, WALL)
+    assert not r.found_session(MAP, B, 0x201, 30.0, WALL)
+    assert r.sessions[MAP].get(B).origin == 1
+
+
 def test_found_conntrack_is_long_ago() -> None:
     r = replica(2)
     entry = ct(A)

@@ -55,7 +55,9 @@ class DaemonConfig:
     reconnect_min: float = 0.2  # reconnect backoff, doubling up to reconnect_max
     reconnect_max: float = 10.0
     queue_limit: int = 500_000  # records queued per peer before it is resnapshotted instead
-    batch_records: int = 4_000  # records per UPDATES frame
+    # records per UPDATES frame: a frame is decoded in one step (~1 us a record), so this
+    # bounds that step of the receiver's loop (~1 ms)
+    batch_records: int = 1_000
     event_buffer: int = 256 << 20  # bytes of kernel buffer for conntrack events (SO_RCVBUFFORCE)
     # Seconds to wait for more records before sending a batch. 0: none, the batch leaves at the
     # end of the event-loop tick that queued its first record (everything learned from one

@@ -49,6 +49,9 @@ from .links import Links
 from .replicator import Replicator
 
 log = logging.getLogger("nftsync.daemon")
+# Conntrack events learned per wake-up of the loop: ~7 us each on the active node, so one read
+# holds the loop ~2 ms at most; the socket stays readable and the loop comes back at once.
+EVENTS_PER_READ = 256
 
 SLICE_S = 0.001  # the map reads give the loop back after about this long...
 POLL_S = 0.002  # ... for this long at least
@@ -99,7 +102,7 @@ class Learner:
         self._ct_events = CtEventSocket(
             marks=frozenset(self.replicator.view.marks),
             ignore_portids={ct_sink.portid} if ct_sink is not None else set(),
-            rcvbuf=self.replicator.config.event_buffer)
+            rcvbuf=self.replicator.config.event_buffer, max_events=EVENTS_PER_READ)
         if ct_sink is not None:
             # Our own conntrack writes (what peers sent) raise events too: drop them in the
             # kernel, not after reading and decoding them (the filter in Python stays as a

@@ -40,7 +40,7 @@ from nftsync.netlink.nftables import (
 )
 from nftsync.netlink.setdump import DumpThread, SetElemDump, SetGone, iter_elements
 from nftsync.proto.conntrack import ct_key, ct_state_bytes, encode_ct
-from nftsync.replication import FOUND_CT_MS, UNVERIFIED
+from nftsync.replication import FOUND_CT_MS, UNVERIFIED, ElementOp
 
 from .clock import now_ms
 from .echo import attach_echo_filter, detach_echo_filter
@@ -350,7 +350,9 @@ class Learner:
             return
         default_ms = (read.rmap.smap.timeout or 0) * 1000
         order = sys.byteorder
+        now = time.monotonic()
         taken = 0
+        fixes: list[ElementOp] = []
         for el in batch:
             data = el.data
             key = el.key
@@ -365,9 +367,29 @@ class Learner:
                 refreshed = wall - max(0, (el.timeout_ms or default_ms) - left)
             # A session derived from a connection gives way to the element in place (it says
             # more: the real expiry); found_session replaces found state by later found state.
-            taken += replica.found_session(map_id, key, mark, expires, refreshed)
+            if replica.found_session(map_id, key, mark, expires, refreshed):
+                taken += 1
+            else:
+                self._correct(map_id, key, mark, now, fixes)
         read.taken += taken
         read.pass_taken += taken
+        self._write_fixes(read, fixes)
+
+    def _correct(self, map_id: str, key: bytes, mark: int, now: float,
+                 fixes: list[ElementOp]) -> None:
+        """An element the replica did not take: a peer's newer delete or move may have come
+        before the read reached it (then nothing was written for it): make the kernel agree."""
+        op = self.replica.correction(map_id, key, mark, now)
+        if op is not None:
+            fixes.append(op)
+
+    def _write_fixes(self, read: MapRead, fixes: list[ElementOp]) -> None:
+        if not fixes:
+            return
+        read.corrected += len(fixes)
+        target = self.replicator.target(read.rmap.map_id)
+        if target is not None:
+            target.apply(fixes)
 
     def _apply_reread(self, read: MapRead, batch: list[Element], mono: float,
                       wall: int) -> None:
@@ -384,6 +406,7 @@ class Learner:
         default_ms = (read.rmap.smap.timeout or 0) * 1000
         order = sys.byteorder
         now = time.monotonic()
+        fixes: list[ElementOp] = []
         for el in batch:
             data = el.data
             key = el.key
@@ -404,8 +427,11 @@ class Learner:
             refreshed = wall if left is None else \
                 wall - max(0, (el.timeout_ms or default_ms) - left)
             taken = replica.found_session(map_id, key, mark, expires, refreshed)
+            if not taken:
+                self._correct(map_id, key, mark, now, fixes)
             read.taken += taken
             read.pass_taken += taken
+        self._write_fixes(read, fixes)
 
     def _end_read(self, read: MapRead, dump: SetElemDump | None,
                   error: BaseException | None) -> Iterator[None]:
@@ -619,7 +645,7 @@ class Learner:
                 self.links.enqueue(self.replica.local_ct(ct, now + ct.timeout, now, wall)[1])
         if missed:
             self._learn_ct(missed)
-        for key in list(self.replica.conntrack.live):
+        for key in list(self.replica.conntrack.keys()):
             if key not in seen:
                 rec = self.replica.local_ct_destroy(key, now, wall)
                 if rec is not None:
@@ -643,6 +669,7 @@ class MapRead:
     taken: int = 0  # found state the replica took, all passes
     changed: int = 0  # later reads: elements we authored that differed (lost events)
     dropped: int = 0  # start-up: sessions derived from connections the map did not hold
+    corrected: int = 0  # elements rewritten or deleted: a peer's newer change came first
     interrupted: int = 0  # datagrams flagged NLM_F_DUMP_INTR (the set changed meanwhile)
     ended: float | None = None
     error: str = ""
@@ -655,4 +682,5 @@ class MapRead:
     def as_dict(self) -> dict:
         return {"map": str(self.rmap.smap.ref), **self.progress(), "queued": self.queued,
                 "taken": self.taken, "changed": self.changed, "dropped": self.dropped,
+                "corrected": self.corrected,
                 "interrupted": self.interrupted, "error": self.error}

@@ -283,8 +283,9 @@ class PeerLink:
         me = self.replicator.node_id
         epoch = max(now_ms(), getattr(self, "_last_epoch", 0) + 1)
         self._last_epoch = epoch
-        # Whatever was queued is contained in the snapshot (its items are copied right here,
-        # with no await in between; later changes queue up and follow as updates).
+        # Whatever was queued is contained in the snapshot (each part of the tables is copied
+        # later, as it is sent, so it is at least as new as now); later changes queue up and
+        # follow as updates.
         self.pending.clear()
         chunks = self.replicator.snapshot_records(SNAPSHOT_CHUNK)
         await ch.send(SnapshotBegin(epoch, me))

@@ -199,6 +199,23 @@ class Replica:
         table.put(key, mark, expires_at, updated_ms, UNVERIFIED)
         return True
 
+    def correction(self, map_id: str, key: bytes, kernel_mark: int,
+                   now: float) -> ElementOp | None:
+        """The kernel holds `kernel_mark` for `key` and we do not take it (`found_session` said
+        no): the write that makes the kernel agree with what we hold, if any. A peer's delete
+        or move may have arrived before the map was read (a start-up read runs in the
+        background): the delete then found nothing to delete here, so it is made now."""
+        table = self.sessions[map_id]
+        cur = table.current(key, now)
+        if cur is not None:
+            if cur.value == kernel_mark:
+                return None
+            mark: int = cur.value  # type: ignore[assignment]
+            return ElementOp(key, mark, self._wire_ms(map_id, cur.expires_at, now), kernel_mark)
+        if table.is_dead(key):
+            return ElementOp(key, None, 0, kernel_mark)
+        return None
+
     def _wire_ms(self, map_id: str, expires_at: float | None, now: float) -> int:
         pol = self.policies.get(map_id)
         ms = 0 if expires_at is None else max(1, int((expires_at - now) * 1000))
@@ -341,25 +358,25 @@ class Replica:
                  clock: Callable[[], float] | None = None) -> Iterator[list[Record]]:
         """Everything this node holds, live and tombstones, in chunks of records.
 
-        The tables are copied at the call (a point in time: a dict copy, the packed entries
-        shared); records are built lazily, chunk by chunk, so a sender can stream a 1M-entry
-        snapshot between other work. `clock` (monotonic seconds), if given, is read again for
-        each chunk, so remaining times are those of the moment the chunk is built.
+        Records are built lazily, chunk by chunk, so a sender can stream a 1M-entry snapshot
+        between other work; the tables are copied a shard at a time as the chunks are built
+        (`Table.copies`: each part at least as new as the call, so whatever was queued before
+        the call is in it). `clock` (monotonic seconds), if given, is read again for each
+        chunk, so remaining times are those of the moment the chunk is built.
         """
-        parts = [(map_id, table, *table.frozen()) for map_id, table in self.sessions.items()
-                 if map_id in self.policies]
+        parts: list[tuple[str | None, Table]] = [
+            (map_id, table) for map_id, table in self.sessions.items()
+            if map_id in self.policies]
         if conntrack:
-            parts.append((None, self.conntrack, *self.conntrack.frozen()))
+            parts.append((None, self.conntrack))
         return self._chunks(parts, now, chunk, clock)
 
-    def _chunks(self, parts: list[tuple[str | None, Table, dict[bytes, bytes],
-                                        dict[bytes, bytes]]],
-                now: float, chunk: int,
+    def _chunks(self, parts: list[tuple[str | None, Table]], now: float, chunk: int,
                 clock: Callable[[], float] | None) -> Iterator[list[Record]]:
         out: list[Record] = []
-        for map_id, table, live, dead in parts:
-            for items, alive in ((live.items(), True), (dead.items(), False)):
-                for key, raw in items:
+        for map_id, table in parts:
+            for copy, alive in table.copies():
+                for key, raw in copy.items():
                     e = table.unpack(key, raw)
                     if alive and e.expires_at is not None and e.expires_at <= now:
                         continue  # the kernel has dropped it

@@ -4,7 +4,7 @@ Why a copy at all: the kernel does not report packet-path refreshes and dumping 
 is quadratic, so each node keeps its own compact copy, learned from events. Peers' snapshots are
 made from it, and it is what lets a receiver decide whether an incoming record is newer.
 
-Two dicts: `live` holds what exists, `dead` holds tombstones of live deletions (an admin delete,
+Two maps: `live` holds what exists, `dead` holds tombstones of live deletions (an admin delete,
 a conntrack entry destroyed where it was served). A tombstone carries the time of the deletion so
 that an older add cannot bring the key back, and it is kept only as long as a copy of what it
 deleted can still be alive somewhere (`tomb_s`), with a bound on how many (oldest dropped first).
@@ -15,6 +15,10 @@ objects: a node holds millions of them, and an entry as a dataclass with a `CtEn
 ~770 bytes of RSS per connection and its session at 1M, against ~400 packed
 (benchmarks/README.md). Packed entries also keep the cyclic GC away (bytes are not tracked).
 Readers get an `Entry` tuple decoded on demand.
+
+`live` is split into `SHARDS` dicts by key hash: a dict grows by rebuilding itself, and one of a
+million entries took the event loop 12-24 ms to rebuild; a shard of 1/64 of it takes ~0.3 ms.
+`dead` stays one dict, in insertion order, so that the oldest tombstone goes first exactly.
 
 Nothing here does I/O or reads a clock: callers pass `now` (monotonic seconds) and `wall`
 (milliseconds since the epoch), so the rules are the same in the daemon and in the model test.
@@ -42,6 +46,8 @@ _UPDATED = struct.Struct("=Q")  # at offset 8
 _ORIGIN = struct.Struct("=I")  # at offset 16
 _MARK = struct.Struct("=I")
 _SESSION = struct.Struct("=dQII")  # a session entry: the head and its mark
+SHARDS = 64  # dicts that `live` is split into (a power of two)
+_MASK = SHARDS - 1
 _INF = math.inf
 
 
@@ -96,7 +102,7 @@ class Table:
         self.capacity = capacity  # live entries per origin; also the tombstone bound
         self.tomb_s = tomb_s  # how long a tombstone outlives the deletion, at least
         self.marks = marks
-        self.live: dict[bytes, bytes] = {}  # key -> packed entry
+        self.shards: list[dict[bytes, bytes]] = [{} for _ in range(SHARDS)]  # key -> packed
         self.dead: dict[bytes, bytes] = {}  # insertion order = age: the oldest goes first
         self.per_origin: dict[int, int] = {}
         # Expiry by time buckets: second -> keys whose entry or tombstone was set to expire in
@@ -108,7 +114,15 @@ class Table:
         self._seconds: list[int] = []
 
     def __len__(self) -> int:
-        return len(self.live)
+        return sum(map(len, self.shards))
+
+    def keys(self) -> Iterator[bytes]:
+        """The keys of the live entries (copy them before changing the table)."""
+        for shard in self.shards:
+            yield from shard
+
+    def _raw(self, key: bytes) -> bytes | None:
+        return self.shards[hash(key) & _MASK].get(key)
 
     # -- the packed form -------------------------------------------------------------------------
     def pack(self, value: object, expires_at: float | None, updated_ms: int,
@@ -133,23 +147,23 @@ class Table:
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, key: bytes) -> Entry | None:
-        raw = self.live.get(key)
+        raw = self.shards[hash(key) & _MASK].get(key)
         return None if raw is None else self.unpack(key, raw)
 
     def latest(self, key: bytes) -> Entry | None:
         """The entry or the tombstone: what a change of `key` is ordered after."""
-        raw = self.live.get(key) or self.dead.get(key)
+        raw = self.shards[hash(key) & _MASK].get(key) or self.dead.get(key)
         return None if raw is None else self.unpack(key, raw)
 
     def latest_ms(self, key: bytes) -> int | None:
         """The change time of the entry or tombstone of `key` (the hot path's `latest`)."""
-        raw = self.live.get(key) or self.dead.get(key)
+        raw = self.shards[hash(key) & _MASK].get(key) or self.dead.get(key)
         return None if raw is None else _UPDATED.unpack_from(raw, 8)[0]
 
     def current(self, key: bytes, now: float) -> Entry | None:
         """The live entry of `key` unless its time is past (the kernel has dropped it; the
         sweep forgets it within a second)."""
-        raw = self.live.get(key)
+        raw = self.shards[hash(key) & _MASK].get(key)
         if raw is None or _HEAD.unpack_from(raw)[0] <= now:
             return None
         return self.unpack(key, raw)
@@ -157,7 +171,7 @@ class Table:
     def current_mark(self, key: bytes, now: float) -> int | None:
         """The mark of the live session of `key` unless its time is past (`current` without
         an Entry: the active node's hot path)."""
-        raw = self.live.get(key)
+        raw = self.shards[hash(key) & _MASK].get(key)
         if raw is None:
             return None
         exp, _ms, _origin, mark = _SESSION.unpack(raw)
@@ -174,7 +188,7 @@ class Table:
         """`beats`, and what a winner replaces, in one lookup (the receiver's hot path): None
         if the change loses, else (the packed live entry or None, its origin or -1). Values
         are decoded only for a tie."""
-        raw = self.live.get(key)
+        raw = self.shards[hash(key) & _MASK].get(key)
         if raw is not None:
             exp, ms, cur_origin = _HEAD.unpack_from(raw)
             if exp > now:
@@ -199,10 +213,11 @@ class Table:
 
     def entries(self, now: float | None = None) -> Iterator[tuple[bytes, Entry]]:
         """(key, entry) of the live entries (unexpired ones only if `now` is given)."""
-        for k, raw in self.live.items():
-            e = self.unpack(k, raw)
-            if now is None or e.expires_at is None or e.expires_at > now:
-                yield k, e
+        for shard in self.shards:
+            for k, raw in shard.items():
+                e = self.unpack(k, raw)
+                if now is None or e.expires_at is None or e.expires_at > now:
+                    yield k, e
 
     def tombstones(self) -> Iterator[tuple[bytes, Entry]]:
         for k, raw in self.dead.items():
@@ -217,12 +232,13 @@ class Table:
 
     def put_packed(self, key: bytes, raw: bytes, expires_at: float | None,
                    origin: int) -> None:
-        old = self.live.get(key)
+        shard = self.shards[hash(key) & _MASK]
+        old = shard.get(key)
         if old is not None:
             self._count(_ORIGIN.unpack_from(old, 16)[0], -1)
         else:
             self.dead.pop(key, None)
-        self.live[key] = raw
+        shard[key] = raw
         self._count(origin, 1)
         if expires_at is not None:
             self._schedule(key, expires_at)
@@ -241,7 +257,7 @@ class Table:
     def drop(self, key: bytes) -> bool:
         """Forget a live entry without a tombstone (it expired, or a copy we did not author
         left the kernel): nothing is sent for it."""
-        old = self.live.pop(key, None)
+        old = self.shards[hash(key) & _MASK].pop(key, None)
         if old is None:
             return False
         self._count(_ORIGIN.unpack_from(old, 16)[0], -1)
@@ -272,14 +288,14 @@ class Table:
         (whole buckets of one second, so at least one bucket), so a sweep never stalls the
         caller however big the table is. An entry is forgotten within a second of its expiry,
         and is never sent once past it (snapshots skip it)."""
-        live, dead, due, seconds, head = self.live, self.dead, self._due, self._seconds, _HEAD
+        shards, dead, due, seconds, head = self.shards, self.dead, self._due, self._seconds, _HEAD
         n = looked = 0
         while seconds and seconds[0] + 1 <= now and (looked == 0 or
                                                      looked + len(due[seconds[0]]) <= budget):
             keys = due.pop(heapq.heappop(seconds))
             looked += len(keys)
             for k in keys:
-                raw = live.get(k)
+                raw = shards[hash(k) & _MASK].get(k)
                 if raw is not None and head.unpack_from(raw)[0] <= now:
                     self.drop(k)
                     n += 1
@@ -288,7 +304,13 @@ class Table:
                     del dead[k]
         return n
 
-    def frozen(self) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-        """A point-in-time copy of the live entries and tombstones, for a snapshot streamed
-        while the table changes (entries are replaced, never edited: the copy shares them)."""
-        return dict(self.live), dict(self.dead)
+    def copies(self) -> Iterator[tuple[dict[bytes, bytes], bool]]:
+        """Copies of the live shards, one at a time and only when asked for, then of the
+        tombstones: (entries, alive). For a snapshot streamed while the table changes: each
+        copy is a state at least as new as the call (entries are replaced, never edited, so a
+        copy shares them), and copying 1/64 of a 1M table at a time keeps each step short (a
+        copy of the whole stalled the loop ~30 ms). A later state than the call's is what the
+        receiver would get as updates anyway; merging the same record twice changes nothing."""
+        for shard in self.shards:
+            yield dict(shard), True
+        yield dict(self.dead), False

@@ -274,3 +274,45 @@ def test_sessions_derived_from_conntrack(pair_ns: dict[str, str],
 
     wait_for(b_agrees, 60, f"B's kernel map to hold {other} on {MARKS[1]:#x} and {same} with "
              "the map's own expiry")
+
+
+def test_a_peer_change_that_comes_before_the_read_reaches_the_element(
+        pair_ns: dict[str, str], daemons: dict[str, Daemon]) -> None:
+    """A's daemon is away; on B keys are deleted and others moved to the other backend, live.
+    A comes back: B's snapshot (the deletes as tombstones, the moves) arrives while A is still
+    reading its map, before the read reaches most of those keys, so when it merged them A did
+    not know its kernel held them and wrote nothing. When the read then finds them, the
+    replica does not take them (what B says is newer): A's kernel must be made to agree."""
+    a, b = daemons["a"], daemons["b"]
+    b.start()
+    sessions = fill(pair_ns["a"], N)
+    a.start()
+    wait_for(lambda: len(kernel_map(pair_ns["b"])) >= N, 180, f"B holding A's {N} sessions")
+    a.stop()
+    keys = sorted(sessions)
+    deleted, moved = keys[:300:3], keys[1:300:3]
+    lines = [f"delete element ip {TABLE} {MAP} {{ {', '.join(deleted + moved)} }}\n"]
+    lines.append(f"add element ip {TABLE} {MAP} {{ " + ", ".join(
+        f"{k} expires 500s : {MARKS[0] if sessions[k] == MARKS[1] else MARKS[1]:#x}"
+        for k in moved) + " }\n")
+    netns.run(pair_ns["b"], "nft", "-f", "-", input="".join(lines))
+    want = {k: m for k, m in sessions.items() if k not in deleted}
+    want.update({k: MARKS[0] if sessions[k] == MARKS[1] else MARKS[1] for k in moved})
+    a.start()
+    wait_for(lambda: read_state(a).get("done"), 300, "A's start-up read to finish")
+    print("A's read:", read_state(a))
+
+    def disagreement(node: str) -> str:
+        have = kernel_map(pair_ns[node])
+        back = sorted(set(deleted) & have.keys())
+        wrong = sorted(k for k in moved if have.get(k) != want[k])
+        return "" if not back and not wrong else \
+            f"on {node}: {len(back)} deleted key(s) back ({back[:3]}), {len(wrong)} moved " \
+            f"key(s) on the old backend ({wrong[:3]})"
+
+    try:
+        wait_for(lambda: not disagreement("a") and not disagreement("b"), 60,
+                 "both kernels to agree with B's live deletes and moves")
+    except AssertionError:
+        raise AssertionError(f"{disagreement('a')} {disagreement('b')}") from None
+    assert read_state(a)["corrected"] > 0  # the path under test was taken

@@ -189,6 +189,27 @@ def test_later_found_state_replaces_earlier_found_state_not_live_state() -> None
     assert r.sessions[MAP].get(B).origin == 1
 
 
+def test_a_found_element_that_loses_gets_the_kernel_corrected() -> None:
+    """A peer's delete (or move) merged before the start-up read reached the element wrote
+    nothing (the replica did not know the kernel held it); when the read finds it and does not
+    take it, `correction` says what the kernel must do."""
+    r = replica(2)
+    peer = replica(1)
+    peer.local_session(MAP, A, 0x200, 120.0, 0, WALL)
+    peer.local_session_delete(MAP, A, 0, WALL + 10)
+    peer.local_session(MAP, B, 0x201, 120.0, 0, WALL + 20)
+    w = r.receive(flat(peer, 0), 1, True, 0, WALL + 30)
+    assert [op.key for op in w.sessions[MAP]] == [B]  # nothing to delete for A: not held
+    for key, kernel_mark in ((A, 0x200), (B, 0x200)):
+        assert not r.found_session(MAP, key, kernel_mark, 100.0, WALL - 5_000)
+    fix_a = r.correction(MAP, A, 0x200, 0)
+    assert (fix_a.mark, fix_a.old_mark) == (None, 0x200)  # delete it
+    fix_b = r.correction(MAP, B, 0x200, 0)
+    assert (fix_b.mark, fix_b.old_mark) == (0x201, 0x200) and fix_b.remaining_ms > 0
+    assert r.correction(MAP, B, 0x201, 0) is None  # the kernel agrees
+    assert r.correction(MAP, bytes([10, 0, 0, 9]), 0x200, 0) is None  # nothing known
+
+
 def test_found_conntrack_is_long_ago() -> None:
     r = replica(2)
     entry = ct(A)

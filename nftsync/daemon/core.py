@@ -2,10 +2,12 @@
 
 * `replicator.Replicator`: the replicated maps, the replica (nftsync.replication, sans-I/O) and
   the kernel writers: what peer links talk to;
-* `learn.Learner`: the kernel's events (and start-up dumps) turned into local changes;
+* `learn.Learner`: the kernel's events turned into local changes, and `kernelread.KernelReads`,
+  its reads of conntrack and of the maps (start-up, lost events);
 * `links.Links` and `peer.PeerLink`: dialling, accepting, one connection per peer, and the
   exchange of snapshots and updates over it;
-* `service`: the process around it (signals, reload, logging), `control`: the control socket.
+* `service`: the process around it (signals, reload, logging), `realtime`: its optional
+  real-time scheduling, `control`: the control socket, `loopwatch`: loop pauses and GC time.
 
 This module only starts, stops and schedules them (housekeeping once a second) and holds the
 operations `nftsync ctl` can call, in an explicit table (`control_ops`).
@@ -79,7 +81,7 @@ class Daemon:
                      "%d peer(s)", self.node_id, cfg.node_name, cfg.cluster, cfg.listen_host,
                      cfg.listen_port, self.role, len(self.replicator.view.farms),
                      len(cfg.peers))
-            self.learner.read_maps()
+            self.learner.reads.read_maps()
             self._tasks.append(asyncio.create_task(self._housekeeping()))
             self._tasks.append(asyncio.create_task(self.loop_watch.run()))
             self.gc_watch.install()
@@ -180,7 +182,7 @@ class Daemon:
             "farms": sorted(self.replicator.view.farms),
             "peers_up": sum(lk.state == "up" for lk in links), "peers_total": len(links),
             "pid": os.getpid(),
-            "startup_read": self.learner.startup_status(),  # per map: read, done, how long
+            "startup_read": self.learner.reads.status(),  # per map: read, done, how long
         }
 
     def peers(self) -> list[dict]:
@@ -206,7 +208,7 @@ class Daemon:
             "peers": {lk.name: lk.as_dict() for lk in self.links.all()},
             "loop": self.loop_watch.as_dict(),  # how long the event loop could not run
             "gc": self.gc_watch.as_dict(),  # ... and how much of that the cyclic GC took
-            "reads": self.learner.startup_stats(),  # the kernel's conntrack and maps, read
+            "reads": self.learner.reads.stats(),  # the kernel's conntrack and maps, read
             "last_error": r.last_error,
         }
 

@@ -28,7 +28,12 @@ def make_key(directory: Path, name: str = "key") -> Path:
 
 
 class DaemonProc:
-    """One daemon in one namespace; its log goes to a file next to its control socket."""
+    """One daemon in one namespace; its log goes to a file next to its control socket.
+    A test module with a lab of its own sets its own `port` and `cluster` in a subclass."""
+
+    port = 7777
+    cluster = "lab"
+    start_timeout = 15.0
 
     def __init__(self, netns: str, name: str, node_id: int, listen: str, peers: list[str],
                  key: Path, workdir: Path, role: str = "backup", extra: tuple[str, ...] = ()):
@@ -41,15 +46,16 @@ class DaemonProc:
 
     def start(self) -> DaemonProc:
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "nftsync", "daemon",
-               "--listen", f"{self.listen}:7777", "--key-file", str(self.key),
+               "--listen", f"{self.listen}:{self.port}", "--key-file", str(self.key),
                "--socket", str(self.socket), "--node-name", self.name,
-               "--node-id", str(self.node_id), "--cluster", "lab", "--role", self.role,
-               *[a for p in self.peers for a in ("--peer", f"{p}:7777")], *self.extra]
+               "--node-id", str(self.node_id), "--cluster", self.cluster, "--role", self.role,
+               *[a for p in self.peers for a in ("--peer", f"{p}:{self.port}")], *self.extra]
         logf = open(self.log, "a")  # noqa: SIM115 - owned by the child for its lifetime
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
         logf.close()
         # Not just "the socket file exists": after a crash a stale one is left behind.
-        self.wait(self._answers, 15, "the control socket to answer for this process")
+        self.wait(self._answers, self.start_timeout,
+                  "the control socket to answer for this process")
         return self
 
     def _answers(self) -> bool:

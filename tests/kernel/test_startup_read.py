@@ -45,19 +45,11 @@ DELETE_BATCH = 25  # keys per live `nft delete element` on A during its read
 
 
 class Daemon(DaemonProc):
-    """DaemonProc on this module's port."""
+    """DaemonProc on this module's port and cluster."""
 
-    def start(self) -> Daemon:
-        cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "nftsync", "daemon",
-               "--listen", f"{self.listen}:{PORT}", "--key-file", str(self.key),
-               "--socket", str(self.socket), "--node-name", self.name,
-               "--node-id", str(self.node_id), "--cluster", "sur", "--role", self.role,
-               *[a for p in self.peers for a in ("--peer", f"{p}:{PORT}")]]
-        logf = open(self.log, "a")  # noqa: SIM115 - owned by the child for its lifetime
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
-        logf.close()
-        self.wait(self._answers, 30, "the control socket to answer for this process")
-        return self
+    port = PORT
+    cluster = "sur"
+    start_timeout = 30.0
 
     def call(self, cmd: str, args: dict | None = None):
         """The control protocol in-process (no `nftsync ctl` process: fast enough to poll)."""

@@ -175,7 +175,7 @@ class SetElemDump:
     kernel sets it, it is counted in `interrupted` and the dump goes on: it would say no more
     than the above. Why that is safe for the daemon: what it reads is found state, which only
     fills what the replica lacks (a repeat is taken once, absence deletes nothing); it reads a
-    map again until a pass finds nothing new (daemon.learn); and an element still missed is in
+    map again until a pass finds nothing new (daemon.kernelread); and an element still missed is in
     the kernel serving its client, whose next connection learns it live, while what the daemon
     derived from conntrack and the peers' snapshots cover it meanwhile. Restarting a dump on a
     change would not help: on a busy node every dump sees changes.

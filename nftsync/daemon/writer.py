@@ -58,8 +58,11 @@ class KernelWriter:
 
     LANES = ("nft", "ct")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, high: int = 40_000,
-                 low: int = 10_000) -> None:
+    # Up to `high` changes per lane wait in memory (~350 B each for a conntrack entry): 40k
+    # made ~180 B of RSS per connection of a 100k burst on the receiver, 20k keeps it within
+    # the 300 B an entry aims at, as fast (same-run bench, benchmarks/README.md); 8k was slower.
+    def __init__(self, loop: asyncio.AbstractEventLoop, high: int = 20_000,
+                 low: int = 5_000) -> None:
         self.loop = loop
         self.high, self.low = high, low
         self._lock = threading.Lock()

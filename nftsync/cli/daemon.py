@@ -11,6 +11,7 @@ import click
 
 from nftsync.cli.common import emit, handle_errors, json_option, require_root
 from nftsync.daemon.config import DEFAULT_CONFIG, DaemonConfig, load_config
+from nftsync.endpoint import format_endpoint
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -99,7 +100,7 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
     return {
         "config_file": config.config_file, "node_name": config.node_name,
         "node_id": config.node_id, "cluster": config.cluster, "role": config.role,
-        "listen": str_endpoint(config.listen_host, config.listen_port),
+        "listen": format_endpoint(config.listen_host, config.listen_port),
         "peers": [str(p) for p in config.peers], "key_file": config.key_file,
         "key_bytes": len(config.key), "farms": config.farms, "conntrack": config.conntrack,
         "legacy_farms": config.legacy_farms, "socket": config.socket, "log_level": config.log_level,
@@ -109,10 +110,6 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "limits": {"queue_limit": config.queue_limit, "batch_records": config.batch_records,
                    "event_buffer": config.event_buffer},
     }
-
-
-def str_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _describe_text(d: dict[str, Any]) -> str:

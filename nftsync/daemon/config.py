@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
 from nftsync.proto.auth import KeyFileError, load_key
 
@@ -32,7 +33,7 @@ class PeerConfig:
     port: int = DEFAULT_PORT
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_endpoint(self.host, self.port)
 
 
 @dataclass(slots=True)

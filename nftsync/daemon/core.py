@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
 from nftsync.proto import Identity
 
@@ -77,10 +78,10 @@ class Daemon:
             self.learner.watch(loop)
             await self.links.start()
             cfg = self.config
-            log.info("node %d (%s) of cluster %s: listening on %s:%d as %s, %d farm(s), "
-                     "%d peer(s)", self.node_id, cfg.node_name, cfg.cluster, cfg.listen_host,
-                     cfg.listen_port, self.role, len(self.replicator.view.farms),
-                     len(cfg.peers))
+            log.info("node %d (%s) of cluster %s: listening on %s as %s, %d farm(s), "
+                     "%d peer(s)", self.node_id, cfg.node_name, cfg.cluster,
+                     format_endpoint(cfg.listen_host, cfg.listen_port), self.role,
+                     len(self.replicator.view.farms), len(cfg.peers))
             self.learner.reads.read_maps()
             self._tasks.append(asyncio.create_task(self._housekeeping()))
             self._tasks.append(asyncio.create_task(self.loop_watch.run()))

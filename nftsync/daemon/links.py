@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
 from nftsync.proto import (
     AuthError,
@@ -60,7 +61,8 @@ class Links:
             self._server = await asyncio.start_server(self._accept, cfg.listen_host,
                                                       cfg.listen_port)
         except OSError as exc:
-            raise NftsyncError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+            raise NftsyncError(f"cannot listen on "
+                               f"{format_endpoint(cfg.listen_host, cfg.listen_port)}: "
                                f"{exc.strerror}") from None
         for peer in cfg.peers:
             self.add_dialer(str(peer), peer.host, peer.port)
@@ -70,7 +72,7 @@ class Links:
             self._server.close()
         dialers = []
         for link in self.all():
-            link.close()
+            link.close("stopping", RefuseReason.SHUTDOWN)
             if link.dialer is not None:
                 link.dialer.cancel()
                 dialers.append(link.dialer)
@@ -83,7 +85,7 @@ class Links:
         new = {str(p): p for p in config.peers}
         for name in old - set(new):
             link = self.dialled.pop(name)
-            link.close()
+            link.close("removed from the configuration")
             if link.dialer:
                 link.dialer.cancel()
         for name in set(new) - old:
@@ -154,10 +156,12 @@ class Links:
                                       timeout=max(2.0, self.config.peer_timeout))
         except AuthError as exc:
             self.auth_failures += 1
-            log.error("connection from %s refused: %s", peername, exc)
+            log.error("connection from %s refused: %s", format_endpoint(peername), exc)
             return
         except (ConnectionClosed, ProtocolError, OSError) as exc:
-            log.warning("connection from %s failed: %s", peername, exc)
+            # The channel logged it already, with the address (it logs every handshake failure
+            # but an AuthError, which is ours to log).
+            log.debug("connection from %s failed: %s", format_endpoint(peername), exc)
             return
         link = next((lk for lk in self.all() if lk.node_id == ch.peer.node_id), None)
         if link is not None and self._duplicate(ch, link):

@@ -22,12 +22,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from nftsync.endpoint import format_endpoint
 from nftsync.proto import (
     Ack,
     Channel,
     ConnectionClosed,
     ConntrackRecord,
     Heartbeat,
+    PeerRefused,
     ProtocolError,
     Record,
     RefuseReason,
@@ -118,6 +120,8 @@ class PeerLink:
         self.snap_count = 0
         self.tasks: list[asyncio.Task] = []
         self.dialer: asyncio.Task | None = None
+        # Connections we ended on purpose (replaced, stopping), with what their `down` line says.
+        self._ended: dict[Channel, str] = {}
 
     # -- queue -------------------------------------------------------------------------------
     def enqueue(self, qkey: object, record: Record) -> None:
@@ -150,7 +154,8 @@ class PeerLink:
         lag = sorted(self.stats.lag_ms)
         s = self.stats
         return {
-            "name": self.name, "address": f"{self.host}:{self.port}" if self.host else None,
+            "name": self.name,
+            "address": format_endpoint(self.host, self.port) if self.host else None,
             "node_id": self.node_id, "node_name": self.node_name, "state": self.state,
             "since_s": round(time.monotonic() - self.since, 1), "last_error": self.last_error,
             "sent": s.sent, "received": s.received, "applied": s.applied,
@@ -188,11 +193,13 @@ class PeerLink:
         tasks = [asyncio.create_task(self._send_loop(channel)),
                  asyncio.create_task(self._recv_loop(channel))]
         self.tasks = tasks
+        error: BaseException | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 exc = t.exception()
                 if exc is not None:
+                    error = exc
                     self.last_error = str(exc) or type(exc).__name__
         finally:
             for t in tasks:
@@ -207,11 +214,21 @@ class PeerLink:
                 self.since = time.monotonic()
                 self.pending.clear()
                 self.sent_at.clear()
-            log.warning("peer %s: down (%s)", self.name, self.last_error or "closed")
+            why = self._ended.pop(channel, None)
+            if why is not None:  # we ended it: replaced by a new connection, or stopping
+                log.info("peer %s: down (%s)", self.name, why)
+            elif isinstance(error, PeerRefused) and error.reason == RefuseReason.DUPLICATE_PEER:
+                # Both sides dialled and the peer keeps the other connection: not a loss.
+                log.info("peer %s: down (%s)", self.name, self.last_error)
+            else:
+                log.warning("peer %s: down (%s)", self.name, self.last_error or "closed")
 
-    def close(self) -> None:
+    def close(self, why: str = "closed", refuse: int | None = None) -> None:
+        """End the connection on our side (its `down` line, at INFO, says `why`); with a
+        RefuseReason `refuse`, the peer is told why first."""
         if self.channel is not None:
-            self.channel.close()
+            self._ended[self.channel] = why
+            self.channel.close(refuse)
         for t in self.tasks:
             t.cancel()
 
@@ -219,7 +236,8 @@ class PeerLink:
         """Serve `channel`, after the channel this link had (if any) has fully wound down."""
         old = self.channel
         if old is not None:
-            self.close()
+            # The peer learns it is a duplicate, so neither side logs this as a lost link.
+            self.close("replaced by a new connection", RefuseReason.DUPLICATE_PEER)
             for _ in range(200):  # bounded: the old attach's clean-up is a few loop turns
                 if self.channel is not old:
                     break

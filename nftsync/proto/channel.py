@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from nftsync.endpoint import format_endpoint
 from nftsync.proto import auth
 from nftsync.proto.auth import AuthError
 from nftsync.proto.frames import (
@@ -61,7 +62,7 @@ class PeerRefused(ConnectionClosed):  # noqa: N818 - an event, like ConnectionCl
 
     def __init__(self, reason: int, text: str) -> None:
         name = RefuseReason.NAMES.get(reason, str(reason))
-        super().__init__(f"peer closed the connection: {name}: {text}")
+        super().__init__(f"peer closed the connection: {name}" + (f": {text}" if text else ""))
         self.reason = reason
         self.text = text
 
@@ -291,9 +292,11 @@ class Channel:
             async with asyncio.timeout_at(deadline):
                 reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
         except TimeoutError:
-            raise ConnectionClosed(f"connecting to {host}:{port} timed out") from None
+            raise ConnectionClosed(f"connecting to {format_endpoint(host, port)} timed out") \
+                from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectionClosed(f"cannot connect to {host}:{port}: {exc}") from None
+            raise ConnectionClosed(f"cannot connect to {format_endpoint(host, port)}: {exc}") \
+                from None
         return await cls._handshake(reader, writer, identity, key, deadline - loop.time(),
                                     initiator=True)
 
@@ -309,14 +312,21 @@ class Channel:
                          identity: Identity, key: bytes, timeout: float,
                          initiator: bool) -> Channel:
         hs = _Handshake(reader, writer, identity, key, initiator)
-        where = _peername(writer)
+        where = format_endpoint(_peername(writer))
+        # A failed handshake is logged once: an AuthError (a timeout is one) by the caller, who
+        # counts it and knows the peer's name; what else breaks the handshake here.
         try:
             async with asyncio.timeout(timeout):
                 channel = await hs.run()
         except TimeoutError:
             writer.close()
-            log.warning("peer %s: handshake timed out after %.1fs", where, timeout)
-            raise AuthError("handshake timed out", RefuseReason.TIMEOUT) from None
+            log.debug("peer %s: handshake timed out after %.1fs", where, timeout)
+            raise AuthError(f"handshake timed out after {timeout:.1f}s",
+                            RefuseReason.TIMEOUT) from None
+        except AuthError as exc:
+            writer.close()
+            log.debug("peer %s: handshake failed: %s", where, exc)
+            raise
         except (ProtocolError, ConnectionClosed) as exc:
             writer.close()
             log.warning("peer %s: handshake failed: %s", where, exc)
@@ -428,8 +438,12 @@ class Channel:
         self._refuse_and_close(reason, text)
         await self.wait_closed()
 
-    def close(self) -> None:
-        if not self._closed:
+    def close(self, refuse: int | None = None, text: str = "") -> None:
+        """Close now; with a RefuseReason `refuse`, send the peer a REFUSE first (best effort:
+        nothing waits for it to leave)."""
+        if refuse is not None:
+            self._refuse_and_close(refuse, text)
+        elif not self._closed:
             self._closed = True
             self._writer.close()
 

@@ -76,6 +76,22 @@ def test_traffic_sessions_and_conntrack_replicate(lab, pair):
         assert f"mark={0x200 if backend.endswith('11') else 0x201}" in ln, ln
 
 
+def test_clean_start_of_a_pair_logs_no_warning(lab, pair):
+    """Both daemons dial; lb1 (started first) ends up serving lb2's connection and then its
+    own, which replaces it on both sides (DUPLICATE_PEER): that is no failure, so no WARNING
+    (issue 12). Addresses are ADDR:PORT, never a Python tuple."""
+    d1, d2 = pair["lb1"], pair["lb2"]
+    lb2 = f"{SYNC4['lb2']}:{d1.port}"
+    # Settled: lb1 serves lb2 over the link it dials (the inbound one was replaced).
+    wait_for(lambda: [(p["name"], p["state"]) for p in d1.ctl("peers")] == [(lb2, "up")] and
+             d2.peers_up() == 1, 20, "lb1's own connection to lb2 kept, the other dropped")
+    time.sleep(1.0)
+    for d in (d1, d2):
+        text = d.log.read_text(errors="replace")
+        assert [ln for ln in text.splitlines() if " WARNING " in ln] == [], text
+        assert "('" not in text, text
+
+
 def test_admin_changes_and_deletes_propagate(lab, pair):
     d1, d2 = pair["lb1"], pair["lb2"]
     nftsync(lab, "lb1", "sessions", "add", "10.10.1.77", "0x201", "--expires", "45")

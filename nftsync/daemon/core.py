@@ -155,7 +155,7 @@ class Daemon:
         if self.config.peers and not up and not grace:
             reasons.append("no peer is connected")
         for lk in links:
-            if lk.state != "up" and lk.host and not grace:
+            if lk.state not in ("up", "served") and lk.host and not grace:
                 reasons.append(f"peer {lk.name} is {lk.state}: {lk.last_error or 'no answer'}")
             elif lk.state == "up" and lk.unacked_age() > self.config.stall_after:
                 reasons.append(f"peer {lk.name} has not acknowledged updates for "

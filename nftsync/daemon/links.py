@@ -122,6 +122,10 @@ class Links:
             if link.channel is not None:  # the peer dialled us: that connection serves
                 await self._pause(cfg.reconnect_min)
                 continue
+            if self._served(link):  # ... or it did and that connection is an inbound link
+                link.state, link.last_error = "served", ""
+                await self._pause(cfg.reconnect_min)
+                continue
             link.state = "connecting"
             try:
                 ch = await Channel.connect(link.host, link.port, self.identity, cfg.key,
@@ -134,8 +138,15 @@ class Links:
             except (ConnectionClosed, ProtocolError, OSError) as exc:
                 link.last_error = str(exc)
             else:
-                if self._duplicate(ch, link):
+                link.node_id = ch.peer.node_id  # who this address is, from now on
+                other = self._serving(link)
+                if self._duplicate(ch, link) or (other is not None and
+                                                 self._duplicate(ch, other)):
                     await ch.refuse(RefuseReason.DUPLICATE_PEER)
+                    if other is not None:  # the peer's own connection serves: no redial
+                        link.state, link.last_error = "served", ""
+                        await self._pause(cfg.reconnect_min)
+                        continue
                 else:
                     delay = cfg.reconnect_min
                     await link.take_over(ch)  # the peer's own dial may have won meanwhile
@@ -176,6 +187,18 @@ class Links:
         finally:
             if link in self.inbound and link.channel is None:
                 self.inbound.remove(link)
+
+    def _serving(self, link: PeerLink) -> PeerLink | None:
+        """The inbound link (if any) that serves the node `link` dials, over a connection the
+        peer opened: when the higher node id starts first, the lower one's dial arrives before
+        the higher one's dialer ever reached it, and becomes an inbound link."""
+        if link.node_id is None:
+            return None
+        return next((lk for lk in self.inbound if lk.node_id == link.node_id and
+                     lk.channel is not None and not lk.channel.closed), None)
+
+    def _served(self, link: PeerLink) -> bool:
+        return self._serving(link) is not None
 
     def _duplicate(self, ch: Channel, link: PeerLink) -> bool:
         """Both sides dialled: keep the connection that the lower node id initiated."""

@@ -129,6 +129,40 @@ def test_clean_start_of_a_pair_logs_no_warning(caplog, host, second_after):
     assert "('" not in text  # no peername tuple
 
 
+def test_higher_node_first_serves_the_peer_once_and_stops_dialling(caplog):
+    """The higher node id starts first: the lower one's dial arrives before the higher one's
+    dialer ever reached it and becomes an inbound link, which wins (the lower id initiated it).
+    The higher node's dialer then learns that node's id, sees it served and stops dialling
+    ("served"): no connection up and down every reconnect_min, and one peer up on each side."""
+    caplog.set_level(logging.DEBUG, logger="nftsync")
+    key = b"k" * 32
+    p1, p2 = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        low = _node(1, "127.0.0.1", p1, [p2], key, stop)
+        high = _node(2, "127.0.0.1", p2, [p1], key, stop)
+        await high.start()
+        await asyncio.sleep(0.3)  # its dialer fails to reach lb1 and backs off
+        await low.start()
+        try:
+            await _until(lambda: _up(low) == 1 and _up(high) == 1, "the pair up")
+            await asyncio.sleep(1.5)  # several reconnect_min (0.2 s): no redial may happen
+            seen["states"] = sorted(lk.state for lk in high.all())
+            seen["ups"] = caplog.text.count(": up (node")
+            seen["up"] = (_up(low), _up(high))
+        finally:
+            stop.set()
+            await low.close()
+            await high.close()
+
+    asyncio.run(asyncio.wait_for(main(), BOUND))
+    assert seen["up"] == (1, 1)
+    assert seen["states"] == ["served", "up"]  # the dialled link, the inbound one
+    assert seen["ups"] <= 4, caplog.text  # each side's link up, and at most one replaced pair
+
+
 def test_losing_a_working_link_is_still_a_warning(caplog):
     caplog.set_level(logging.INFO, logger="nftsync")
     key = b"k" * 32

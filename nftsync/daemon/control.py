@@ -329,22 +329,20 @@ class ControlServer:
 
 def _listener_pid(path: str) -> int | None:
     """Pid of the process listening on `path` (0 if unknown), None if nobody listens (stale)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return None
-    except OSError as exc:
-        raise ControlError(f"cannot check the existing control socket {path}: "
-                           f"{exc.strerror or exc}") from None
-    try:
-        cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        return _UCRED.unpack(cred)[0]
-    except OSError:
-        return 0
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # closed on every path
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except OSError as exc:
+            raise ControlError(f"cannot check the existing control socket {path}: "
+                               f"{exc.strerror or exc}") from None
+        try:
+            cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            return _UCRED.unpack(cred)[0]
+        except OSError:
+            return 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,9 +121,6 @@ class Table:
         for shard in self.shards:
             yield from shard
 
-    def _raw(self, key: bytes) -> bytes | None:
-        return self.shards[hash(key) & _MASK].get(key)
-
     # -- the packed form -------------------------------------------------------------------------
     def pack(self, value: object, expires_at: float | None, updated_ms: int,
              origin: int) -> bytes:
@@ -150,13 +147,9 @@ class Table:
         raw = self.shards[hash(key) & _MASK].get(key)
         return None if raw is None else self.unpack(key, raw)
 
-    def latest(self, key: bytes) -> Entry | None:
-        """The entry or the tombstone: what a change of `key` is ordered after."""
-        raw = self.shards[hash(key) & _MASK].get(key) or self.dead.get(key)
-        return None if raw is None else self.unpack(key, raw)
-
     def latest_ms(self, key: bytes) -> int | None:
-        """The change time of the entry or tombstone of `key` (the hot path's `latest`)."""
+        """The change time of the entry or the tombstone of `key`: what a change of `key` is
+        ordered after."""
         raw = self.shards[hash(key) & _MASK].get(key) or self.dead.get(key)
         return None if raw is None else _UPDATED.unpack_from(raw, 8)[0]
 
@@ -227,11 +220,7 @@ class Table:
     def put(self, key: bytes, value: object, expires_at: float | None, updated_ms: int,
             origin: int) -> None:
         """Make this the live entry of `key` (replacing an entry or a tombstone)."""
-        self.put_packed(key, self.pack(value, expires_at, updated_ms, origin), expires_at,
-                        origin)
-
-    def put_packed(self, key: bytes, raw: bytes, expires_at: float | None,
-                   origin: int) -> None:
+        raw = self.pack(value, expires_at, updated_ms, origin)
         shard = self.shards[hash(key) & _MASK]
         old = shard.get(key)
         if old is not None:

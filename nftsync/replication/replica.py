@@ -217,6 +217,8 @@ class Replica:
         return None
 
     def _wire_ms(self, map_id: str, expires_at: float | None, now: float) -> int:
+        """The expiry a session record carries: time left in ms (0 means "no timeout", so a
+        live timed entry sends at least 1), capped as `_cap_ms` says."""
         pol = self.policies.get(map_id)
         ms = 0 if expires_at is None else max(1, int((expires_at - now) * 1000))
         return min(ms, MAX_REMAINING_MS) if pol is None else self._cap_ms(pol, ms)

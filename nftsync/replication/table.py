@@ -32,8 +32,7 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from nftsync.conntrack import CtEntry
-from nftsync.proto.conntrack import ct_body, ct_entry, encode_ct
+from nftsync.proto.conntrack import ct_body, ct_entry
 
 UNVERIFIED = 0  # origin of what a node found in its own kernel at start-up: no known author
 U64_MAX = 2**64 - 1
@@ -61,12 +60,6 @@ class Entry(NamedTuple):
     updated_ms: int  # the author's wall clock at the change
     origin: int  # node id of the author (UNVERIFIED: found in the kernel at start-up)
 
-    def remaining_ms(self, now: float) -> int:
-        """Time left, for the wire (0 means "no timeout", so a live timed entry sends >= 1)."""
-        if self.expires_at is None:
-            return 0
-        return max(1, int((self.expires_at - now) * 1000))
-
 
 def newer(updated_ms: int, origin: int, value: object, cur_ms: int, cur_origin: int,
           cur_value: object) -> bool:
@@ -85,8 +78,6 @@ def rank(value: object) -> tuple:
         return (0,)
     if isinstance(value, int | bytes):
         return (1, value)
-    if isinstance(value, CtEntry):
-        return (1, encode_ct(value))
     raise TypeError(f"no conflict order for a {type(value).__name__}")
 
 

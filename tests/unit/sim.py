@@ -119,8 +119,7 @@ class Cluster:
                 key: object = rec.key
                 value: object = rec.mark
             else:
-                entry = decode_ct(rec.entry)
-                key, value = ct_key(entry), entry
+                key, value = ct_key(decode_ct(rec.entry)), bytes(rec.entry)
             self.claim(key, rec.updated_ms, rec.origin, value if rec.op == 1 else None)
         for dst in self.nodes:
             if dst is not src and (src.id, dst.id) in self.queues:

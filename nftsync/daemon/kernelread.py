@@ -79,7 +79,7 @@ class KernelReads:
         session is dated "long ago" (FOUND_CT_MS, like a found conntrack entry): the map's own
         element, once read, any live change and any peer's record all win over it. Its expiry
         is the map's full timeout from now, the latest the kernel's can be; the map's read
-        replaces it by the element's own (`_apply_found`) and drops the sessions the map does
+        replaces it by the element's own (`_apply_elements`) and drops the sessions the map does
         not hold (`_drop_unconfirmed`): a connection can outlive its client's session."""
         t0 = time.monotonic()
         view = self.replicator.view
@@ -191,24 +191,31 @@ class KernelReads:
                 batch = list(itertools.islice(elements, SLICE_ELEMENTS))
                 if not batch:
                     return
-                if read.startup:
-                    self._apply_found(read, batch, mono, wall)
-                else:
-                    self._apply_reread(read, batch, mono, wall)
+                self._apply_elements(read, batch, mono, wall)
                 read.pass_elements += len(batch)
                 yield
         finally:
             assert self._dumper is not None
             self._dumper.release()
 
-    def _apply_found(self, read: MapRead, batch: list[Element], mono: float,
-                     wall: int) -> None:
-        """Start-up: each element is found state, last refreshed (as its expiry tells) at
-        `wall` - (timeout - remaining)."""
+    def _apply_elements(self, read: MapRead, batch: list[Element], mono: float,
+                        wall: int) -> None:
+        """Each element is found state, last refreshed (as its expiry tells) at `wall` -
+        (timeout - remaining); one the replica does not take gets the kernel corrected
+        (`_correct`). A session derived from a connection at start-up gives way to the element
+        in place (it says more: the real expiry): found_session replaces found state by later
+        found state.
+
+        A read after start-up first skips what we hold already, and treats an element we
+        authored whose mark differs, and which has not changed since `wall` (the loop went on
+        meanwhile), as a change whose event was lost: a local change, sent now. Found state
+        never wins over a live change, so a delete made during the read stays."""
         map_id = read.rmap.map_id
         replica = self.replica
-        if map_id not in replica.sessions:
+        table = replica.sessions.get(map_id)
+        if table is None:
             return
+        me = replica.node_id
         default_ms = (read.rmap.smap.timeout or 0) * 1000
         order = sys.byteorder
         now = time.monotonic()
@@ -221,20 +228,30 @@ class KernelReads:
                 continue  # the catch-all element, or not a mark
             mark = int.from_bytes(data, order)  # nft marks: host order
             left = el.expiration_ms
-            if left is None:
-                expires, refreshed = None, wall
-            else:
-                expires = mono + left / 1000
-                refreshed = wall - max(0, (el.timeout_ms or default_ms) - left)
-            # A session derived from a connection gives way to the element in place (it says
-            # more: the real expiry); found_session replaces found state by later found state.
+            expires = None if left is None else mono + left / 1000
+            if not read.startup:
+                cur = table.get(key)
+                if cur is not None and cur.value == mark:
+                    continue
+                if cur is not None and cur.origin == me and cur.updated_ms < wall:
+                    self.links.enqueue(replica.local_session(map_id, key, mark, expires, now,
+                                                             now_ms()))
+                    read.changed += 1
+                    read.pass_changed += 1
+                    continue
+            refreshed = wall if left is None else \
+                wall - max(0, (el.timeout_ms or default_ms) - left)
             if replica.found_session(map_id, key, mark, expires, refreshed):
                 taken += 1
             else:
                 self._correct(map_id, key, mark, now, fixes)
         read.taken += taken
         read.pass_taken += taken
-        self._write_fixes(read, fixes)
+        if fixes:
+            read.corrected += len(fixes)
+            target = self.replicator.target(map_id)
+            if target is not None:
+                target.apply(fixes)
 
     def _correct(self, map_id: str, key: bytes, mark: int, now: float,
                  fixes: list[ElementOp]) -> None:
@@ -243,56 +260,6 @@ class KernelReads:
         op = self.replica.correction(map_id, key, mark, now)
         if op is not None:
             fixes.append(op)
-
-    def _write_fixes(self, read: MapRead, fixes: list[ElementOp]) -> None:
-        if not fixes:
-            return
-        read.corrected += len(fixes)
-        target = self.replicator.target(read.rmap.map_id)
-        if target is not None:
-            target.apply(fixes)
-
-    def _apply_reread(self, read: MapRead, batch: list[Element], mono: float,
-                      wall: int) -> None:
-        """A read after start-up. The kernel's state is that of `wall`, and the loop went on
-        meanwhile: an element we authored whose mark differs, and which has not changed since,
-        is a change whose event was lost (a local change, sent now); anything else is found
-        state, which never wins over a live change (a delete made during the read included)."""
-        map_id = read.rmap.map_id
-        replica = self.replica
-        table = replica.sessions.get(map_id)
-        if table is None:
-            return
-        me = replica.node_id
-        default_ms = (read.rmap.smap.timeout or 0) * 1000
-        order = sys.byteorder
-        now = time.monotonic()
-        fixes: list[ElementOp] = []
-        for el in batch:
-            data = el.data
-            key = el.key
-            if data is None or len(data) != 4 or not key:
-                continue
-            mark = int.from_bytes(data, order)
-            left = el.expiration_ms
-            expires = None if left is None else mono + left / 1000
-            cur = table.get(key)
-            if cur is not None and cur.value == mark:
-                continue
-            if cur is not None and cur.origin == me and cur.updated_ms < wall:
-                self.links.enqueue(replica.local_session(map_id, key, mark, expires, now,
-                                                         now_ms()))
-                read.changed += 1
-                read.pass_changed += 1
-                continue
-            refreshed = wall if left is None else \
-                wall - max(0, (el.timeout_ms or default_ms) - left)
-            taken = replica.found_session(map_id, key, mark, expires, refreshed)
-            if not taken:
-                self._correct(map_id, key, mark, now, fixes)
-            read.taken += taken
-            read.pass_taken += taken
-        self._write_fixes(read, fixes)
 
     def _end_read(self, read: MapRead, dump: SetElemDump | None,
                   error: BaseException | None) -> Iterator[None]:

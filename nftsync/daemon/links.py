@@ -122,7 +122,7 @@ class Links:
             if link.channel is not None:  # the peer dialled us: that connection serves
                 await self._pause(cfg.reconnect_min)
                 continue
-            if self._served(link):  # ... or it did and that connection is an inbound link
+            if self._serving(link) is not None:  # ... or did, and that is an inbound link
                 link.state, link.last_error = "served", ""
                 await self._pause(cfg.reconnect_min)
                 continue
@@ -196,9 +196,6 @@ class Links:
             return None
         return next((lk for lk in self.inbound if lk.node_id == link.node_id and
                      lk.channel is not None and not lk.channel.closed), None)
-
-    def _served(self, link: PeerLink) -> bool:
-        return self._serving(link) is not None
 
     def _duplicate(self, ch: Channel, link: PeerLink) -> bool:
         """Both sides dialled: keep the connection that the lower node id initiated."""

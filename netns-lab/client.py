@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import json
 import re
+import signal
 import socket
 import struct
 import sys
@@ -242,7 +243,26 @@ class StreamReport:
         self.last = n
 
 
+class _StopEarly:
+    """SIGUSR1 ends a `stream` or `probe` run before --seconds, still printing its report.
+
+    Why: a demo runs them across steps whose length varies (a failback waits for a resync), so
+    it gives a generous --seconds and signals the end once the last step is shown.
+    """
+
+    asked = False
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGUSR1, cls._handler)
+
+    @classmethod
+    def _handler(cls, signum: int, frame: object) -> None:
+        cls.asked = True
+
+
 def cmd_stream(a: argparse.Namespace) -> int:
+    _StopEarly.install()
     rep = StreamReport()
     t0 = time.monotonic()
     end = t0 + a.seconds
@@ -254,7 +274,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
             s.bind(sockaddr(a.source, 0))
             s.settimeout(min(a.timeout, a.seconds))
             s.connect(sockaddr(a.vip, a.port))
-            while (now := time.monotonic()) < end:
+            while (now := time.monotonic()) < end and not _StopEarly.asked:
                 s.settimeout(min(0.1, end - now))
                 try:
                     chunk = s.recv(65536)
@@ -388,11 +408,12 @@ def cmd_probe(a: argparse.Namespace) -> int:
     """One short request every `--interval` for `--seconds`: the traffic gap of a failover.
 
     Prints one JSON list of [start, end, ok] wall-clock records, so the gap can be set against
-    the moment of a kill measured elsewhere. Bounded in count (5000) and time.
+    the moment of a kill measured elsewhere. Bounded in count (5000) and time; SIGUSR1 ends it.
     """
+    _StopEarly.install()
     out: list[list] = []
     end = time.monotonic() + a.seconds
-    while time.monotonic() < end and len(out) < 5000:
+    while time.monotonic() < end and len(out) < 5000 and not _StopEarly.asked:
         t, ok = time.time(), False
         try:
             with socket.create_connection((a.vip, a.port), timeout=a.timeout,

@@ -190,7 +190,7 @@ if [[ -n "$FAILBACK" ]]; then
     got=0
     for ((i = 0; i < 300; i++)); do
         got=$(count_sessions lb1)
-        [[ "$got" == "$want" ]] && break
+        [[ "$want" =~ ^[0-9]+$ && "$got" == "$want" ]] && break
         sleep 0.1
     done
     echo "lb1: $got of lb2's $want sessions back $((($(date +%s%N) - T0) / 1000000)) ms after its daemon started"

@@ -29,6 +29,7 @@ from nftsync.proto.frames import (
     Hello,
     Message,
     MsgType,
+    NodeInfo,
     Refuse,
     RefuseReason,
     ResyncRequest,
@@ -60,7 +61,7 @@ __all__ = [
     "MAX_PAYLOAD", "MAX_REMAINING_MS", "OP_ADD", "OP_DELETE", "OP_UPSERT", "PROTOCOL_VERSION",
     "Ack", "Auth", "AuthError", "AuthOk", "Channel", "ConnectionClosed", "ConntrackRecord",
     "CtFormatError", "Heartbeat", "Hello", "Identity", "KeyFileError", "Message", "MsgType",
-    "PeerInfo", "PeerRefused", "ProtocolError", "Record", "Refuse", "RefuseReason",
+    "NodeInfo", "PeerInfo", "PeerRefused", "ProtocolError", "Record", "Refuse", "RefuseReason",
     "ResyncRequest", "SessionRecord", "SnapshotBegin", "SnapshotChunk", "SnapshotEnd", "Updates",
     "ct_record_key", "decode_ct", "encode_ct", "load_key", "split_records",
 ]

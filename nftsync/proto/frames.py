@@ -50,6 +50,7 @@ class MsgType:
     ACK = 20
     RESYNC_REQUEST = 21
     HEARTBEAT = 22
+    NODE_INFO = 23  # optional in v1: always sent with FLAG_IGNORABLE
 
 
 class RefuseReason:
@@ -356,10 +357,46 @@ class Heartbeat(Message):
         return cls(*_HEARTBEAT.unpack_from(mv, 0))
 
 
+_NODE_INFO = struct.Struct(">B")  # software_len; the software version string follows
+MAX_SOFTWARE = 64
+
+
+@dataclass(slots=True)
+class NodeInfo(Message):
+    """What the sender runs (its software version, e.g. "0.1.0"), for `nftsync ctl peers`.
+
+    Never in HELLO: a HELLO goes to whoever connects, before anyone proved the key, and nothing
+    about the node may be told before that. NODE_INFO is a tagged frame after the handshake, so
+    only a peer that proved the key reads it. It is optional in protocol v1 and always sent with
+    FLAG_IGNORABLE: a v1 node that does not know type 23 skips it (docs/protocol.md). Bytes
+    after the version string are fields of later versions: ignored, like HELLO's extension.
+    """
+
+    software: str
+
+    TYPE: ClassVar[int] = MsgType.NODE_INFO
+
+    def encode_payload(self) -> bytes:
+        raw = encode_name(self.software, "software version", MAX_SOFTWARE)
+        return _NODE_INFO.pack(len(raw)) + raw
+
+    @classmethod
+    def decode_payload(cls, mv: memoryview) -> NodeInfo:
+        if len(mv) < _NODE_INFO.size:
+            raise ProtocolError("NODE_INFO too short")
+        (n,) = _NODE_INFO.unpack_from(mv, 0)
+        if not 0 < n <= MAX_SOFTWARE or _NODE_INFO.size + n > len(mv):
+            raise ProtocolError("NODE_INFO software length out of range")
+        software = decode_text(mv[_NODE_INFO.size:_NODE_INFO.size + n], "software version")
+        if not software.isprintable():
+            raise ProtocolError("NODE_INFO software version is not printable")
+        return cls(software)
+
+
 MESSAGE_CLASSES: dict[int, type[Message]] = {
     c.TYPE: c
     for c in (Hello, Auth, AuthOk, Refuse, SnapshotBegin, SnapshotChunk, SnapshotEnd, Updates,
-              Ack, ResyncRequest, Heartbeat)
+              Ack, ResyncRequest, Heartbeat, NodeInfo)
 }
 
 

@@ -25,6 +25,7 @@ from nftsync.proto.frames import (
     AuthOk,
     Heartbeat,
     Hello,
+    NodeInfo,
     Refuse,
     ResyncRequest,
     SnapshotBegin,
@@ -70,6 +71,7 @@ messages = st.one_of(
     st.builds(Ack, u64),
     st.builds(ResyncRequest, u16, utf8_limited(256)),
     st.builds(Heartbeat, u64, u64),
+    st.builds(NodeInfo, utf8_limited(64, 1).filter(str.isprintable)),
 )
 
 

@@ -1,6 +1,7 @@
 """Session administration: the seed's `ssyncdctl show` and `echo +addr/-addr// > /proc/...`.
 
-Operations on a farm's session map (or its static map), each one kernel transaction.
+Operations on a farm's session map (or its static map), each one kernel transaction. Reading
+sessions (`sessions get|list`) is `nftsync.sessionread`'s.
 """
 
 from __future__ import annotations
@@ -85,22 +86,8 @@ def _table(farm: Farm, static: bool, nft: Nft) -> NftSessionMap:
     return NftSessionMap(farm.require(Role.STATIC if static else Role.SESSIONS), nft)
 
 
-def list_sessions(farm_name: str | None, *, static: bool | None = None,
-                  nft: Nft | None = None) -> list[dict[str, Any]]:
-    """Entries of every farm (or one), of its session and static maps (or one of them)."""
-    nft = nft or Nft()
-    farms = [select_farm(farm_name, nft)] if farm_name else list(current_farms(nft).values())
-    rows = []
-    for farm in farms:
-        for role in (Role.STATIC, Role.SESSIONS):
-            if role not in farm.maps or (static is not None and static != (role is Role.STATIC)):
-                continue
-            for s in NftSessionMap(farm.maps[role], nft).list():
-                rows.append(_row(farm, role, s))
-    return rows
-
-
-def _row(farm: Farm, role: Role, s: Session) -> dict[str, Any]:
+def session_row(farm: Farm, role: Role, s: Session) -> dict[str, Any]:
+    """A session as `sessions list|get|add --json` show it (one shape for all of them)."""
     return {"farm": farm.name, "map": role.value, "client": s.key_text,
             "backend": f"{s.mark:#x}", "address": farm.backends.get(s.mark),
             "state": farm.state_of(s.mark).value, "expires": s.expires, "timeout": s.timeout}
@@ -136,7 +123,7 @@ def add_session(farm_name: str | None, client: str, backend: str, *,
     session = Session(key=key, mark=mark, expires=seconds)
     replaced = table.replace(session)
     role = Role.STATIC if static else Role.SESSIONS
-    return _row(farm, role, session) | {"replaced": replaced}
+    return session_row(farm, role, session) | {"replaced": replaced}
 
 
 def del_session(farm_name: str | None, client: str, *, static: bool = False,

@@ -1,11 +1,17 @@
-"""`nftsync sessions list|add|del|flush`."""
+"""`nftsync sessions get|list|add|del|flush`."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import click
 
+from nftsync import sessionread as read
 from nftsync import sessions as admin
 from nftsync.cli.common import emit, handle_errors, json_option, require_root
+from nftsync.cli.progress import Progress
 
 farm_option = click.option("--farm", help="Farm name (from the map comments); needed only when "
                            "several farms are loaded.")
@@ -22,6 +28,8 @@ def command() -> None:
 
     \b
     Examples:
+      nftsync sessions get 10.10.1.7
+      nftsync sessions list --client 10.10.0.0/16 --backend 0x201 --limit 20
       nftsync sessions list --json
       nftsync sessions add 10.10.1.7 0x201 --expires 90s
       nftsync sessions add --static 10.10.1.8 10.20.0.12
@@ -30,28 +38,134 @@ def command() -> None:
     """
 
 
+@command.command("get")
+@click.argument("client")
+@farm_option
+@json_option
+@handle_errors
+def get(client: str, farm: str | None, as_json: bool) -> None:
+    """Show CLIENT's session in the static and the timed map (the seed's `show table t key k`).
+
+    CLIENT is the whole key (10.10.1.7, or 10.10.1.7,40000 for a composite key); it is looked
+    up in the kernel by that key alone, so it costs the same in a map of ten sessions or of a
+    million. Without --farm, every farm whose key CLIENT fits is asked.
+
+    \b
+    Exit status: 0 found, 1 no session for CLIENT (message on stderr, and [] with --json),
+    2 a key that fits no farm, an unknown farm, or another usage error.
+    --json prints a JSON array of the rows (fields as in `sessions list --json`).
+
+    \b
+    Examples:
+      nftsync sessions get 10.10.1.7
+      nftsync sessions get 10.10.1.7,40000 --farm srcport --json
+    """
+    require_root()
+    try:
+        rows = read.get_sessions(farm, client)
+    except read.SessionAbsent:
+        if as_json:
+            click.echo("[]")
+        raise
+    emit(as_json, rows, lambda rs: "\n".join([_HEADER, *map(_line, rs)]))
+
+
 @command.command("list")
 @farm_option
+@click.option("--client", "prefix", metavar="PREFIX",
+              help="Only clients in this address or network (10.10.1.7, 10.10.0.0/16, "
+              "fd00::/64); for composite keys, the key's first part (its address).")
+@click.option("--backend", metavar="BACKEND",
+              help="Only sessions to this backend, by mark (0x201) or address (10.20.0.12).")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N sessions (the dump ends there: quick on any map size).")
 @click.option("--static/--timed", "static", default=None,
               help="Only the static map, or only the timed one (default: both).")
 @json_option
 @handle_errors
-def list_(farm: str | None, static: bool | None, as_json: bool) -> None:
-    """List sessions: client, backend mark and address, backend state, seconds left."""
+def list_(farm: str | None, prefix: str | None, backend: str | None, limit: int | None,
+          static: bool | None, as_json: bool) -> None:
+    """List sessions: client, backend mark and address, backend state, seconds left.
+
+    Rows are printed as the kernel hands them out (static map first, then the timed one, in
+    the kernel's hash order), so memory stays small at any map size; filters are applied in
+    the kernel's bytes before anything is decoded. --json prints one JSON array, one object
+    per line, written as the rows come (fields: farm, map, client, backend, address, state,
+    expires, timeout; expires and timeout in seconds, null for static entries); if the
+    listing fails part-way the array is left unterminated and the exit status is non-zero.
+
+    A listing of a map that changes meanwhile (new clients, expiries, deletes) is no
+    snapshot: the kernel's dump may then skip or repeat a few sessions. For one client, exact
+    at any time: nftsync sessions get CLIENT.
+
+    On a terminal (not with --json) a progress line on stderr counts what has been read; rows
+    are printed above it.
+
+    \b
+    Examples:
+      nftsync sessions list --client 10.10.0.0/16 --backend 0x201
+      nftsync sessions list --limit 10 --timed
+      nftsync sessions list --farm web --json > sessions.json
+    """
     require_root()
-    rows = admin.list_sessions(farm, static=static)
-    emit(as_json, rows, _table)
+    with Progress.for_cli(as_json) as progress:
+        out = _Rows(as_json, progress)
+        try:
+            for row in read.iter_sessions(farm, static=static, client=prefix, backend=backend,
+                                          limit=limit, progress=progress):
+                out.write(row)
+            out.end()
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as a pipe's writer does.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
 
 
-def _table(rows: list[dict]) -> str:
-    if not rows:
-        return "no sessions"
-    out = [f"{'FARM':10} {'MAP':8} {'CLIENT':28} {'BACKEND':10} {'ADDRESS':24} {'STATE':6} EXPIRES"]
-    for r in rows:
-        exp = "never" if r["expires"] is None else f"{r['expires']}s"
-        out.append(f"{r['farm']:10} {r['map']:8} {r['client']:28} {r['backend']:10} "
-                   f"{r['address'] or '?':24} {r['state']:6} {exp}")
-    return "\n".join(out)
+_HEADER = f"{'FARM':10} {'MAP':8} {'CLIENT':28} {'BACKEND':10} {'ADDRESS':24} {'STATE':6} EXPIRES"
+
+
+def _line(r: dict) -> str:
+    exp = "never" if r["expires"] is None else f"{r['expires']}s"
+    return (f"{r['farm']:10} {r['map']:8} {r['client']:28} {r['backend']:10} "
+            f"{r['address'] or '?':24} {r['state']:6} {exp}")
+
+
+class _Rows:
+    """Writes rows to stdout as they come: text lines under a header, or one JSON array with
+    an object per line (valid JSON once `end()` is written, held in memory one row at a time).
+
+    When stdout is the terminal the progress line is on too, the line is cleared before a row
+    is written, so rows scroll above it and never share a line with it: a filtered listing
+    of a big map can print nothing for many seconds, and the count shows it is working.
+    """
+
+    def __init__(self, as_json: bool, progress: Progress) -> None:
+        self.stream = sys.stdout
+        self.as_json = as_json
+        self.progress = progress
+        self.clear = progress.enabled and self.stream.isatty()
+        self.count = 0
+
+    def write(self, row: dict) -> None:
+        if self.clear:
+            self.progress.clear()
+        if self.as_json:
+            sep = ",\n" if self.count else "[\n"
+            self.stream.write(sep + json.dumps(row, sort_keys=True))
+        else:
+            if not self.count:
+                self.stream.write(_HEADER + "\n")
+            self.stream.write(_line(row) + "\n")
+        self.count += 1
+
+    def end(self) -> None:
+        if self.clear:
+            self.progress.clear()
+        if self.as_json:
+            self.stream.write("\n]\n" if self.count else "[]\n")
+        elif not self.count:
+            self.stream.write("no sessions\n")
+        self.stream.flush()
 
 
 @command.command("add")

@@ -45,6 +45,8 @@ def test_version() -> None:
     (("nope",), "No such command"),
     (("apply",), "Missing argument"),
     (("sessions", "add", "10.0.0.1"), "Missing argument"),
+    (("sessions", "get"), "Missing argument"),
+    (("sessions", "list", "--limit", "0"), "not in the range"),
     (("ctl", "show", "--limit", "zero"), "not a valid integer"),
     (("daemon", "--node-id", "x"), "not a valid integer"),
 ])

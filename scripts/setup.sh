@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up nftsync on a fresh Debian 12 machine, idempotently (run as root):
 #   - Debian packages: nftables, python3-nftables (libnftables' Python binding), conntrack,
-#     iptables, iproute2, keepalived, conntrackd (benchmark comparisons), util-linux (unshare).
+#     iptables, iproute2, keepalived, conntrackd (benchmark comparisons), util-linux (unshare);
+#     what scripts/build-deb.sh and its test need (debhelper, dh-python, mmdebstrap, lintian...).
 #   - a venv on /usr/bin/python3 with --system-site-packages (python3-nftables is not on PyPI),
 #     with nftsync installed editable with its test and bench extras (pytest, hypothesis, ruff;
 #     pyroute2, which only benchmarks/bench_ctnetlink.py uses, for comparison; py-spy for
@@ -17,6 +18,10 @@ fi
 
 packages=(nftables python3-nftables python3-venv conntrack conntrackd iptables iproute2
           keepalived util-linux procps)
+# The Debian package (scripts/build-deb.sh) and its test (tests/kernel/test_package.py, which
+# installs it into a clean bookworm root made by mmdebstrap): build dependencies, lintian, groff.
+packages+=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all
+           python3-setuptools python3-wheel python3-click mmdebstrap lintian groff-base man-db)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

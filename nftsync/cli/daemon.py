@@ -25,6 +25,9 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
               help=f"TOML config file (default: {DEFAULT_CONFIG}, if it exists).")
 @click.option("--listen", metavar="ADDR:PORT",
               help="Address for peer connections (default 0.0.0.0:7777; [::]:7777 for IPv6).")
+@click.option("--metrics-listen", metavar="ADDR:PORT",
+              help="Serve Prometheus metrics at http://ADDR:PORT/metrics (default: off; port "
+              "9477 if left out; docs/metrics.md).")
 @click.option("--peer", "peers", multiple=True, metavar="ADDR:PORT",
               help="A peer load balancer (repeat for a mesh); port 7777 if left out.")
 @click.option("--key-file", metavar="FILE",
@@ -50,7 +53,8 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
               help="Only validate the configuration, print it (without the key) and exit.")
 @json_option
 @handle_errors
-def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
+def command(config_path: str | None, listen: str | None, metrics_listen: str | None,
+            peers: tuple[str, ...],
             key_file: str | None, role: str | None, socket: str | None, node_id: int | None,
             node_name: str | None, cluster: str | None, farms: tuple[str, ...],
             conntrack: bool | None, legacy_farms: tuple[str, ...], log_level: str | None,
@@ -82,7 +86,7 @@ def command(config_path: str | None, listen: str | None, peers: tuple[str, ...],
         "listen": listen, "peers": list(peers), "key_file": key_file, "role": role,
         "socket": socket, "node_id": node_id, "node_name": node_name, "cluster": cluster,
         "farms": list(farms), "conntrack": conntrack, "log_level": log_level,
-        "legacy_farms": list(legacy_farms),
+        "legacy_farms": list(legacy_farms), "metrics_listen": metrics_listen,
     }
     config = load_config(config_path, overrides)
     if check:
@@ -101,6 +105,8 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "config_file": config.config_file, "node_name": config.node_name,
         "node_id": config.node_id, "cluster": config.cluster, "role": config.role,
         "listen": format_endpoint(config.listen_host, config.listen_port),
+        "metrics_listen": format_endpoint(config.metrics_host, config.metrics_port)
+        if config.metrics_host is not None else "off",
         "peers": [str(p) for p in config.peers], "key_file": config.key_file,
         "key_bytes": len(config.key), "farms": config.farms, "conntrack": config.conntrack,
         "legacy_farms": config.legacy_farms, "socket": config.socket, "log_level": config.log_level,

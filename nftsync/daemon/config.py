@@ -23,6 +23,7 @@ from nftsync.errors import NftsyncError
 from nftsync.proto.auth import KeyFileError, load_key
 
 DEFAULT_PORT = 7777
+DEFAULT_METRICS_PORT = 9477  # docs/metrics.md; not in Prometheus' list of allocated ports
 DEFAULT_SOCKET = "/run/nftsync/nftsync.sock"
 DEFAULT_CONFIG = "/etc/nftsync/nftsync.toml"
 
@@ -70,6 +71,10 @@ class DaemonConfig:
     # SCHED_RR priority of the event-loop thread (docs/daemon.md, "Real-time scheduling");
     # 0: SCHED_OTHER, like every other process. Applied at start only.
     realtime_priority: int = 0
+    # The Prometheus endpoint (docs/metrics.md): off unless an address is given. Read at start
+    # only, like `listen`.
+    metrics_host: str | None = None
+    metrics_port: int = DEFAULT_METRICS_PORT
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,8 +108,9 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 
 #: Top-level keys of the file, in the order they are validated (so a typo in `peers` is reported
 #: before a missing key file: the cheap, syntactic errors first).
-TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "peers", "farms", "conntrack",
-            "legacy_farms", "socket", "log_level", "realtime_priority", "key_file")
+TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "metrics_listen", "peers",
+            "farms", "conntrack", "legacy_farms", "socket", "log_level", "realtime_priority",
+            "key_file")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
     "heartbeat_interval": (0.0, 60.0),
@@ -237,6 +243,8 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         kw["role"] = _choice(v, ROLES)
     if (v := got("listen")) is not None:
         kw["listen_host"], kw["listen_port"] = _listen(v)
+    if (v := got("metrics_listen")) is not None:
+        kw["metrics_host"], kw["metrics_port"] = _metrics_listen(v)
     if (v := got("peers")) is not None:
         kw["peers"] = _peers(v)
     if (v := got("farms")) is not None:
@@ -539,6 +547,27 @@ def _listen(v: _Value) -> tuple[str, int]:
     return host, port
 
 
+def _metrics_listen(v: _Value) -> tuple[str | None, int]:
+    """`IP:PORT`, `[IPv6]:PORT`, `IP` (port 9477) or `:PORT`; "" turns the endpoint off (a flag
+    can so override a file that turns it on)."""
+    text = _str(v).strip()
+    if not text:
+        return None, DEFAULT_METRICS_PORT
+    if text.startswith(":") and text.count(":") == 1:
+        text = "0.0.0.0" + text
+    try:
+        host, port = parse_endpoint(text, DEFAULT_METRICS_PORT)
+    except ValueError as exc:
+        raise _fail(v, f"{exc}; expected IP:PORT, [IPv6]:PORT or IP (default port "
+                    f"{DEFAULT_METRICS_PORT}), e.g. \"127.0.0.1:{DEFAULT_METRICS_PORT}\"") from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _fail(v, f"{v.value!r}: the metrics address must be an IP address (127.0.0.1 for "
+                    "this host only, 0.0.0.0 or :: for all), not a host name") from None
+    return host, port
+
+
 def _cross_check(kw: dict[str, Any], values: dict[str, _Value]) -> None:
     """Relations between tunables that each look fine alone but do not work together."""
     d = DaemonConfig(key=b"", node_id=1, node_name="x")  # the defaults
@@ -561,7 +590,19 @@ def _cross_check(kw: dict[str, Any], values: dict[str, _Value]) -> None:
         raise ConfigError(f"{where('reconnect_min', 'reconnect_max')}: reconnect_min "
                           f"({get('reconnect_min'):g} s) is larger than reconnect_max "
                           f"({get('reconnect_max'):g} s)")
+    mhost, mport = get("metrics_host"), get("metrics_port")
+    lhost, lport = get("listen_host"), get("listen_port")
+    if mhost is not None and mport == lport and (
+            mhost == lhost or _wildcard(mhost) or _wildcard(lhost)):
+        raise ConfigError(f"{where('metrics_listen', 'listen')}: metrics_listen "
+                          f"({format_endpoint(mhost, mport)}) and listen "
+                          f"({format_endpoint(lhost, lport)}) would share a port; give the "
+                          "metrics endpoint its own")
     if get("stall_after") <= hb:
         raise ConfigError(f"{where('stall_after', 'heartbeat_interval')}: stall_after "
                           f"({get('stall_after'):g} s) must be longer than heartbeat_interval "
                           f"({hb:g} s)")
+
+
+def _wildcard(host: str) -> bool:
+    return ipaddress.ip_address(host).is_unspecified

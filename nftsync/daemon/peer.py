@@ -45,6 +45,7 @@ from nftsync.proto.conntrack import ct_record_key
 
 from .clock import now_ms
 from .config import DaemonConfig
+from .promtext import LAG_BOUNDS_S, SNAPSHOT_BOUNDS_S, Histogram
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -89,6 +90,10 @@ class LinkStats:
     rejected: int = 0  # records refused by the replica's checks (counted by cause in stats)
     connects: int = 0
     lag_ms: deque = field(default_factory=lambda: deque(maxlen=LAG_SAMPLES))
+    # Every lag and snapshot since the start, for the metrics endpoint (docs/metrics.md).
+    lag_s: Histogram = field(default_factory=lambda: Histogram(LAG_BOUNDS_S))
+    snapshot_sent_s: Histogram = field(default_factory=lambda: Histogram(SNAPSHOT_BOUNDS_S))
+    snapshot_received_s: Histogram = field(default_factory=lambda: Histogram(SNAPSHOT_BOUNDS_S))
 
 
 class PeerLink:
@@ -306,6 +311,7 @@ class PeerLink:
         # follow as updates.
         self.pending.clear()
         chunks = self.replicator.snapshot_records(SNAPSHOT_CHUNK)
+        began = time.monotonic()
         await ch.send(SnapshotBegin(epoch, me))
         sent = 0
         for batch in chunks:
@@ -315,6 +321,7 @@ class PeerLink:
         await ch.send(SnapshotEnd(epoch, me, sent))
         self.stats.sent += sent
         self.stats.snapshots_sent += 1
+        self.stats.snapshot_sent_s.observe(time.monotonic() - began)
         log.info("peer %s: sent snapshot epoch %d (%d records)", self.name, epoch, sent)
 
     # -- receiving ---------------------------------------------------------------------------
@@ -366,12 +373,16 @@ class PeerLink:
                     continue
                 self.snap_epoch = None
                 self.stats.snapshots_received += 1
+                took = time.monotonic() - self.snap_since
+                self.stats.snapshot_received_s.observe(took)
                 log.info("peer %s: snapshot epoch %d received (%d records, %.1f s)", self.name,
-                         msg.epoch, msg.count, time.monotonic() - self.snap_since)
+                         msg.epoch, msg.count, took)
                 await ch.send(Ack(self.recv_seq))
             elif isinstance(msg, Ack):
                 for seq in [s for s in self.sent_at if s <= msg.seq]:
-                    self.stats.lag_ms.append((time.monotonic() - self.sent_at.pop(seq)) * 1000)
+                    lag = time.monotonic() - self.sent_at.pop(seq)
+                    self.stats.lag_ms.append(lag * 1000)
+                    self.stats.lag_s.observe(lag)
                 self.acked_seq = max(self.acked_seq, msg.seq)
                 self.wake.set()
             elif isinstance(msg, ResyncRequest):

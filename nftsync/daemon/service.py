@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from nftsync import __version__
+from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
 
 from .config import DaemonConfig, load_config
@@ -124,9 +125,17 @@ class _Runner:
                  self.config.config_file or "command line only")
         if self.realtime is not None:
             self.realtime.attach(loop)
+        metrics = None
+        if self.config.metrics_host is not None:
+            from .metrics import MetricsServer
+            metrics = MetricsServer(daemon, self.config.metrics_host, self.config.metrics_port)
         try:
+            if metrics is not None:
+                await metrics.start()  # before the start-up read: health answers meanwhile
             await daemon.run()
         finally:
+            if metrics is not None:
+                await metrics.close()
             if self.realtime is not None:
                 self.realtime.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -164,6 +173,11 @@ class _Runner:
                             f"SCHED_RR priority {self.config.realtime_priority}"
                             if self.config.realtime_priority else "SCHED_OTHER")
                 new.realtime_priority = self.config.realtime_priority
+            running = (self.config.metrics_host, self.config.metrics_port)
+            if (new.metrics_host, new.metrics_port) != running:
+                log.warning("metrics_listen changes only on restart; still %s",
+                            "off" if running[0] is None else format_endpoint(*running))
+                new.metrics_host, new.metrics_port = running
             try:
                 changed = await daemon.reload(new)
             except NftsyncError as exc:

@@ -181,9 +181,9 @@ def get_sessions(farm_name: str | None, client: str, *,
         raise SessionError(f"{refused}; every session of an address: nftsync sessions list "
                            "--client ADDRESS")
     if not rows:
-        where = f"farm {fitted[0]!r}" if len(set(fitted)) == 1 else \
-            f"farms {', '.join(sorted(set(fitted)))}"
-        raise SessionAbsent(f"{where} has no session for {client}")
+        names = sorted(set(fitted))
+        where = f"farm {names[0]!r} has" if len(names) == 1 else f"farms {', '.join(names)} have"
+        raise SessionAbsent(f"{where} no session for {client}")
     return rows
 
 

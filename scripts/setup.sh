@@ -2,7 +2,9 @@
 # Set up nftsync on a fresh Debian 12 machine, idempotently (run as root):
 #   - Debian packages: nftables, python3-nftables (libnftables' Python binding), conntrack,
 #     iptables, iproute2, keepalived, conntrackd (benchmark comparisons), util-linux (unshare);
-#     what scripts/build-deb.sh and its test need (debhelper, dh-python, mmdebstrap, lintian...).
+#     what scripts/build-deb.sh and its test need (debhelper, dh-python, mmdebstrap, lintian...);
+#     prometheus (promtool checks the alert rules and the metrics text, tests/kernel/test_metrics.py
+#     runs a Prometheus server in a namespace to scrape a daemon).
 #   - a venv on /usr/bin/python3 with --system-site-packages (python3-nftables is not on PyPI),
 #     with nftsync installed editable with its test and bench extras (pytest, hypothesis, ruff;
 #     pyroute2, which only benchmarks/bench_ctnetlink.py uses, for comparison; py-spy for
@@ -22,6 +24,8 @@ packages=(nftables python3-nftables python3-venv conntrack conntrackd iptables i
 # installs it into a clean bookworm root made by mmdebstrap): build dependencies, lintian, groff.
 packages+=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all
            python3-setuptools python3-wheel python3-click mmdebstrap lintian groff-base man-db)
+# The metrics endpoint's checks with a real Prometheus (docs/metrics.md): promtool, the server.
+packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -32,9 +36,9 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# keepalived and conntrackd are started by the lab and the benchmarks in namespaces, never as
-# system services.
-for svc in keepalived conntrackd; do
+# keepalived and conntrackd are started by the lab and the benchmarks in namespaces, prometheus
+# by tests/kernel/test_metrics.py, never as system services.
+for svc in keepalived conntrackd prometheus; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 

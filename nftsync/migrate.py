@@ -18,6 +18,7 @@ map must be keyed by the source address (`key=saddr`, or `saddr/N` matching the 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ from nftsync.errors import NftsyncError
 from nftsync.model import Farm, Role, Session
 from nftsync.ruleset import discover_farms, evaluate_file
 from nftsync.tables.nftmap import NftSessionMap
+
+#: Progress of a long migration (nftsync.cli.progress.Report): what, done, expected or None.
+Report = Callable[[str, int, "int | None"], None]
 
 
 class MigrationError(NftsyncError):
@@ -87,10 +91,13 @@ def _check_fit(legacy: LegacyFarm, farm: Farm, path: str) -> None:
                              f"{legacy.mask})")
 
 
-def read_legacy(legacy: LegacyFarm, result: Migration | None = None) -> dict[str, Session]:
+def read_legacy(legacy: LegacyFarm, result: Migration | None = None,
+                progress: Report | None = None) -> dict[str, Session]:
     """Client address -> session (mark, remaining seconds) from the farm's recent tables."""
     best: dict[str, tuple[float, Session]] = {}
-    for backend in legacy.backends:
+    for i, backend in enumerate(legacy.backends):
+        if progress is not None:
+            progress("migrate: xt_recent tables read", i, len(legacy.backends))
         table = XtRecentTable(legacy.table_name(backend), legacy.seconds)
         for s in table.sessions(include_expired=True):
             remaining = s.remaining_s or 0
@@ -109,16 +116,24 @@ def read_legacy(legacy: LegacyFarm, result: Migration | None = None) -> dict[str
 
 
 def migrate(legacy: LegacyFarm, legacy_path: str, nft_file: str, *, farm_name: str | None = None,
-            dry_run: bool = False, runner: IptablesRunner | None = None) -> Migration:
+            dry_run: bool = False, runner: IptablesRunner | None = None,
+            progress: Report | None = None) -> Migration:
+    """Steps 1-4 of the module docstring. `progress` (a terminal's progress line, or None) is
+    told each step as it starts, with its count: the tables read, the sessions going into the
+    nft transaction, the late sessions added one transaction each (the slow part when many
+    clients arrived during the switch)."""
     desired = evaluate_file(nft_file)
     farms = discover_farms(desired.maps)
     farm = _pick_farm(legacy, farms, farm_name, nft_file)
     _check_fit(legacy, farm, nft_file)
     result = Migration(legacy=legacy_path, nft_file=nft_file, farm=farm.name, dry_run=dry_run)
-    first = read_legacy(legacy, result)
+    first = read_legacy(legacy, result, progress)
     for s in first.values():
         result.sessions[f"{s.mark:#x}"] = result.sessions.get(f"{s.mark:#x}", 0) + 1
     map_id = f"{farm.name}/{Role.SESSIONS.value}"
+    if progress is not None:  # a whole count: drawn at once, shown while the transaction runs
+        progress(f"migrate: sessions read, {'planning' if dry_run else 'loading'} {nft_file} "
+                 "with them", len(first), len(first))
     plan = applier.apply(nft_file, dry_run=dry_run, force=True,
                          extra_sessions={map_id: list(first.values())})
     result.nft_changes = [asdict(c) for c in plan.changes]
@@ -131,7 +146,9 @@ def migrate(legacy: LegacyFarm, legacy_path: str, nft_file: str, *, farm_name: s
         from nftsync.ruleset import current_farms
 
         table = NftSessionMap(current_farms()[farm.name].require(Role.SESSIONS))
-        for s in late.values():
+        for i, s in enumerate(late.values()):
+            if progress is not None:
+                progress("migrate: sessions that came meanwhile added", i, len(late))
             table.replace(s)
         result.late = len(late)
     result.rules_removed = remove_farm(legacy, runner)

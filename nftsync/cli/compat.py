@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from nftsync.cli.common import emit, handle_errors, json_option, require_root
+from nftsync.cli.progress import Progress
 from nftsync.compat import iptables as legacy
 from nftsync.compat.clock import KernelClock, read_timer_list_jiffies
 from nftsync.compat.xtrecent import (
@@ -271,8 +272,11 @@ def migrate_cmd(legacy_file: str, nft_file: str, farm_name: str | None, dry_run:
 
     require_root()
     farm = legacy.load_farm(legacy_file)
-    result = migrate(farm, legacy_file, nft_file, farm_name=farm_name, dry_run=dry_run,
-                     runner=legacy.IptablesRunner(iptables=iptables_bin))
+    # The result is printed only when the migration is over, after the progress line is
+    # cleared, so the two never share the terminal.
+    with Progress.for_cli(as_json) as progress:
+        result = migrate(farm, legacy_file, nft_file, farm_name=farm_name, dry_run=dry_run,
+                         runner=legacy.IptablesRunner(iptables=iptables_bin), progress=progress)
 
     def text(r) -> str:
         total = sum(r["sessions"].values())

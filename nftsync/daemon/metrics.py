@@ -45,7 +45,9 @@ MAX_REQUEST = 8192  # request line and headers; Prometheus sends ~300 bytes
 REQUEST_TIMEOUT_S = 5.0  # to send the request, and for us to write the answer
 MAX_CLIENTS = 16  # connections served at once; more are closed at once
 PEER_STATES = ("connecting", "up", "down", "served")
-HEALTH_STATES = ("ok", "degraded", "failing")
+#: Every state `Daemon.health()` may say (docs/daemon.md, "Health"): one series each, so a
+#: state that is not current reads 0 rather than missing.
+HEALTH_STATES = ("starting", "syncing", "ok", "degraded", "failing")
 ROLES = ("active", "backup")
 #: Offset of the ct mark in a packed conntrack entry of the replica: the entry head, then
 #: `ct_body` (version, then tcp_state and status before the mark: docs/protocol.md's layout).
@@ -106,9 +108,10 @@ def render(d: Daemon, ct_by_mark: dict[int, int]) -> str:
     x.metric("nftsync_start_time_seconds", "gauge", "When the daemon started (Unix time).",
              [(None, round(time.time() - (now - d.started), 3))])
     health, reasons = d.health()
+    states = HEALTH_STATES if health in HEALTH_STATES else (*HEALTH_STATES, health)
     x.metric("nftsync_health", "gauge", "The health state of `nftsync ctl status`: 1 for the "
-             "current one (ok, degraded, failing).",
-             [({"state": s}, s == health) for s in HEALTH_STATES])
+             "current one (starting, syncing, ok, degraded, failing).",
+             [({"state": s}, s == health) for s in states])
     x.metric("nftsync_health_reasons", "gauge", "How many reasons the health state gives.",
              [(None, len(reasons))])
     x.metric("nftsync_role", "gauge", "The node's role: 1 for the current one.",

@@ -9,13 +9,20 @@ from typing import Any
 import click
 
 from nftsync.cli.common import emit, handle_errors, json_option
+from nftsync.cli.progress import Progress
 from nftsync.daemon import control
 from nftsync.daemon.config import DEFAULT_SOCKET
 
 #: `nftsync ctl status` exit codes, as monitoring plugins (Nagios, keepalived track scripts)
-#: read them: 0 ok, 1 degraded (warning), 2 failing (critical), 3 no answer (unknown).
-HEALTH_EXIT = {"ok": 0, "degraded": 1, "failing": 2}
+#: read them: 0 ok, 1 degraded, starting or syncing (warning: it serves, replication is not
+#: whole), 2 failing (critical), 3 no answer (unknown).
+HEALTH_EXIT = {"ok": 0, "degraded": 1, "starting": 1, "syncing": 1, "failing": 2}
 EXIT_UNKNOWN = 3
+#: `status --wait-ready`: the daemon answered, but was still starting or syncing at the timeout.
+EXIT_NOT_READY = 4
+#: Health values that --wait-ready waits through.
+NOT_READY = ("starting", "syncing")
+WAIT_POLL_S = 0.5
 
 
 @click.group("ctl")
@@ -47,19 +54,100 @@ def _obj() -> tuple[str, float]:
 
 
 @command.command("status")
+@click.option("--wait-ready", is_flag=True,
+              help="Wait until the daemon is past starting and syncing, then report.")
+@click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0, max=86400),
+              default=300.0, show_default=True, metavar="SECONDS",
+              help="With --wait-ready: give up after this long (exit 4, or 3 if no daemon "
+                   "ever answered).")
 @json_option
 @handle_errors
-def status(as_json: bool) -> None:
-    """Health, role and peers of this node; the exit code is the health (0 = ok)."""
+def status(wait_ready: bool, wait_timeout: float, as_json: bool) -> None:
+    """Health, role and peers of this node; the exit code is the health.
+
+    \b
+    Health and exit code:
+      0  ok        every peer connected, its state in our kernel
+      1  starting  reading the kernel, not listening for peers yet
+      1  syncing   listening; peers' snapshots still coming or going into the kernel
+      1  degraded  serving, but a peer is down or stalled, or kernel writes failed
+      2  failing   no peer connected at all, or no farm loaded
+      3  no daemon answered (none running, wrong --socket, timeout)
+      4  (--wait-ready only) still starting or syncing when --timeout ran out
+
+    \b
+    With --wait-ready the control socket is polled (every 0.5 s, also while no daemon
+    answers yet) until the health is neither starting nor syncing, then the status is
+    printed and the exit code is that health's. On a terminal a progress line shows
+    whose snapshots are awaited. For scripts, e.g. after `systemctl restart nftsync`:
+
+    \b
+      nftsync ctl status --wait-ready --timeout 120 || echo "not in sync yet"
+      nftsync ctl status --wait-ready --json | jq .sync
+    """
     path, timeout = _obj()
-    try:
-        data = control.call(path, "status", None, timeout)
-    except control.ControlError as exc:
-        click.echo(f"nftsync: error: {exc}", err=True)
-        sys.exit(EXIT_UNKNOWN)
+    source = click.get_current_context().get_parameter_source("wait_timeout")
+    if not wait_ready and source == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--timeout SECONDS is for --wait-ready (the answer's own "
+                               "timeout is `nftsync ctl --timeout S status`)")
+    if wait_ready:
+        data = _wait_ready(path, timeout, wait_timeout, as_json)
+    else:
+        try:
+            data = control.call(path, "status", None, timeout)
+        except control.ControlError as exc:
+            click.echo(f"nftsync: error: {exc}", err=True)
+            sys.exit(EXIT_UNKNOWN)
     emit(as_json, data, _status_text)
-    health = data.get("health") if isinstance(data, dict) else None
+    health = str(data.get("health")) if isinstance(data, dict) else None
+    if wait_ready and health in NOT_READY:
+        click.echo(f"nftsync: error: the daemon is still {health} after {wait_timeout:g} s",
+                   err=True)
+        sys.exit(EXIT_NOT_READY)
     sys.exit(HEALTH_EXIT.get(str(health), EXIT_UNKNOWN))
+
+
+def _wait_ready(path: str, timeout: float, wait_timeout: float, as_json: bool) -> Any:
+    """Poll `status` until the health is past starting/syncing or `wait_timeout` ran out;
+    the last answer (exit 3 if there never was one)."""
+    deadline = time.monotonic() + wait_timeout
+    data: Any = None
+    error: control.ControlError | None = None
+    with Progress.for_cli(as_json) as progress:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                data = control.call(path, "status", None, max(0.1, min(timeout, left)))
+                error = None
+            except control.ControlError as exc:
+                error = exc  # not there yet, or busy: try again until the deadline
+            if isinstance(data, dict) and error is None:
+                if data.get("health") not in NOT_READY:
+                    return data
+                _show_wait(progress, data)
+            if time.monotonic() + WAIT_POLL_S > deadline:
+                break
+            time.sleep(WAIT_POLL_S)
+    if data is None:
+        click.echo(f"nftsync: error: {error}" if error else
+                   f"nftsync: error: no answer from {path} within {wait_timeout:g} s", err=True)
+        sys.exit(EXIT_UNKNOWN)
+    return data
+
+
+def _show_wait(progress: Progress, data: dict) -> None:
+    """The progress line while waiting: the start-up step, or the peers' snapshots applied."""
+    if data.get("health") == "starting":
+        start = data.get("starting") or {}
+        read = start.get("conntrack_read")
+        progress(f"starting: {start.get('step', '?')}", read if isinstance(read, int) else 0)
+        return
+    sync = data.get("sync") or {}
+    done, total = sync.get("peers_applied"), sync.get("peers")
+    if isinstance(done, int) and isinstance(total, int):
+        queued = sync.get("kernel_queued", 0)
+        progress(f"syncing ({queued:,} kernel writes queued): peers' snapshots applied", done,
+                 total)
 
 
 @command.command("peers")
@@ -222,15 +310,27 @@ def _status_text(d: Any) -> str:
     lines += [
         f"uptime    {duration(d.get('uptime_s'))}",
         f"peers     {d.get('peers_up', '?')}/{d.get('peers_total', '?')} up",
-        f"farms     {cell(farms) if farms else '(every nftsync farm)'}",
     ]
+    sync = d.get("sync")
+    if isinstance(sync, dict):
+        lines.append(f"sync      {sync.get('peers_applied', '?')}/{sync.get('peers', '?')} "
+                     "peers' snapshots applied, "
+                     f"{cell(sync.get('kernel_queued'))} kernel writes queued")
+    start = d.get("starting")
+    if isinstance(start, dict):
+        read = start.get("conntrack_read")
+        lines.append(f"starting  {start.get('step', '?')}"
+                     + (f" ({read:,} conntrack entries read)" if isinstance(read, int) else ""))
+    lines.append(f"farms     {cell(farms) if farms else '(every nftsync farm)'}")
+    if "version" in d:
+        lines.append(f"version   {d.get('version')} (protocol {d.get('protocol', '?')})")
     known = {"node", "node_id", "cluster", "role", "health", "reasons", "uptime_s", "farms",
-             "peers_up", "peers_total"}
+             "peers_up", "peers_total", "sync", "starting", "version", "protocol"}
     lines += [f"{k:9} {cell(v)}" for k, v in d.items() if k not in known]
     return "\n".join(lines)
 
 
-_PEER_COLUMNS = ["name", "node_name", "node_id", "address", "state", "since", "sent",
+_PEER_COLUMNS = ["name", "node_name", "node_id", "address", "state", "since", "version", "sent",
                  "received", "applied", "lag_ms", "resnapshots", "auth_failures", "last_error"]
 _PEER_HEADERS = {"node_name": "NODE", "node_id": "ID", "lag_ms": "LAG p50/p99",
                  "resnapshots": "RESNAP", "auth_failures": "AUTHFAIL", "received": "RECV",

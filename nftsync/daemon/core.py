@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nftsync import __version__
 from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
-from nftsync.proto import Identity
+from nftsync.proto import PROTOCOL_VERSION, Identity
 
 from .config import DaemonConfig
 from .farms import ReplicatedMap
@@ -33,21 +34,28 @@ from .learn import Learner
 from .legacy import LegacyMap
 from .links import Links
 from .loopwatch import GcWatch, LoopWatch
+from .notify import Notifier
 from .replicator import Replicator
 
 log = logging.getLogger("nftsync.daemon")
 
-STARTUP_GRACE_S = 5.0
+STARTUP_GRACE_S = 5.0  # at least; see Daemon.sync_grace
 SWEEP_INTERVAL_S = 0.2  # expiry sweep slices; other housekeeping once a second
 GC_FULL_S = 900.0  # full cyclic garbage collection (unfrozen): a stall of ~0.5 s per 1M entries
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, notifier: Notifier | None = None) -> None:
         self.config = config
         self.node_id = config.node_id
         self.role = config.role
         self.started = time.monotonic()
+        # systemd (or nothing): READY once listening, STATUS lines, the watchdog, STOPPING.
+        self.notifier = notifier if notifier is not None else Notifier({})
+        self.phase = "starting"  # "running" once it listens for peers
+        self.step = "opening the kernel's event sockets"  # what start-up is doing now
+        self.listening_at: float | None = None
+        self._health = "starting"  # the last health seen by housekeeping (logged on change)
         self._stop = asyncio.Event()
         self.replicator = Replicator(config)
         self.replica = self.replicator.replica
@@ -64,9 +72,14 @@ class Daemon:
     # == life cycle ===========================================================================
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # The keep-alives come from this loop from the first moment: the start-up reads give
+        # the loop back every millisecond, so they flow through those too.
+        self._tasks.append(asyncio.create_task(self.notifier.watchdog()))
+        self._tasks.append(asyncio.create_task(self._follow_health()))
         self.replicator.open(loop)
         self.learner.open()
         try:
+            self.step = "loading the farms"
             self.replicator.load_farms()
             self.learner.farms_changed()
             self.replicator.load_legacy()
@@ -74,14 +87,18 @@ class Daemon:
             # kernel dump is quadratic (~35 s at 1M), in the background once we listen: what
             # is not read yet is covered by the sessions derived from conntrack and by the
             # peers' snapshots (docs/daemon.md, "Start-up").
+            self.step = "reading conntrack"
             await self.learner.initial_dump()
             self.learner.watch(loop)
+            self.step = "listening"
             await self.links.start()
+            self.phase, self.listening_at = "running", time.monotonic()
             cfg = self.config
             log.info("node %d (%s) of cluster %s: listening on %s as %s, %d farm(s), "
                      "%d peer(s)", self.node_id, cfg.node_name, cfg.cluster,
                      format_endpoint(cfg.listen_host, cfg.listen_port), self.role,
                      len(self.replicator.view.farms), len(cfg.peers))
+            self.notifier.ready(self.summary())
             self.learner.reads.read_maps()
             self._tasks.append(asyncio.create_task(self._housekeeping()))
             self._tasks.append(asyncio.create_task(self.loop_watch.run()))
@@ -98,6 +115,8 @@ class Daemon:
             self.replicator.close()
 
     def stop(self) -> None:
+        if not self._stop.is_set():
+            self.notifier.stopping()
         self._stop.set()
 
     # == housekeeping =========================================================================
@@ -119,6 +138,20 @@ class Daemon:
             except NftsyncError as exc:
                 self.replicator.last_error = str(exc)
                 log.error("%s", exc)
+
+    async def _follow_health(self) -> None:
+        """From the start, once a second: a change of health is logged, and systemd's STATUS
+        follows the summary (start-up progress included)."""
+        while True:
+            health, reasons = self.health()
+            if health != self._health:
+                since = "" if self.listening_at is None else \
+                    f", {time.monotonic() - self.listening_at:.1f}s after listening"
+                log.info("health: %s (was %s%s)%s", health, self._health, since,
+                         ": " + "; ".join(reasons) if reasons else "")
+                self._health = health
+            self.notifier.status(self.summary())
+            await asyncio.sleep(1.0)
 
     def _collect_garbage(self, now: float) -> None:
         """Keep the cyclic GC off the replica: with 1M entries a full collection walks ~3M
@@ -147,11 +180,55 @@ class Daemon:
                 "resync": self.resync, "promote": self.promote, "demote": self.demote,
                 "show": self.show}
 
+    def sync_grace(self) -> float:
+        """How long after it began listening the daemon waits for a configured peer that has
+        not connected before counting it as down: two peer timeouts (a dial that times out and
+        its retry; a live peer connects within a few hundred ms), at least STARTUP_GRACE_S."""
+        return max(STARTUP_GRACE_S, 2 * self.config.peer_timeout)
+
+    def starting(self) -> dict[str, Any]:
+        """What start-up is doing, for `ctl status` while the health is `starting`."""
+        out: dict[str, Any] = {"step": self.step}
+        if self.step == "reading conntrack":
+            out["conntrack_read"] = self.learner.reads.ct_seen
+        return out
+
+    def sync(self) -> dict[str, Any]:
+        """Whose snapshots this node still awaits (`syncing`) and the kernel writer's queue."""
+        grace = self.listening_at is None or \
+            time.monotonic() - self.listening_at < self.sync_grace()
+        waiting, done, total = self.links.awaited(grace)
+        return {"peers_applied": done, "peers": total, "waiting": waiting,
+                "kernel_queued": self.replicator.kernel_queued()}
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS= (what `systemctl status nftsync` shows)."""
+        health, reasons = self.health()
+        if health == "starting":
+            return "starting: " + reasons[0]
+        links = self.links.all()
+        up = sum(lk.state == "up" for lk in links)
+        peers = f"{up}/{len(links)} peers up"
+        if health == "syncing":
+            s = self.sync()
+            return (f"syncing: {s['peers_applied']}/{s['peers']} peers' snapshots applied, "
+                    f"{s['kernel_queued']:,} writes queued; {peers}")
+        text = f"{health}: {peers}, role {self.role}"
+        return text + (f"; {reasons[0]}" if reasons else "")
+
     def health(self) -> tuple[str, list[str]]:
+        """`starting` (not listening yet), `failing`, `syncing`, `degraded` or `ok`, in that
+        order of precedence, with reasons (docs/daemon.md, "Health")."""
+        if self.phase == "starting":
+            what = self.step
+            if self.step == "reading conntrack":
+                what += f" ({self.learner.reads.ct_seen:,} entries so far)"
+            return "starting", [what]
         reasons = []
         links = self.links.all()
         up = [lk for lk in links if lk.state == "up"]
-        grace = time.monotonic() - self.started < STARTUP_GRACE_S
+        grace = self.listening_at is None or \
+            time.monotonic() - self.listening_at < self.sync_grace()
         if self.config.peers and not up and not grace:
             reasons.append("no peer is connected")
         for lk in links:
@@ -168,10 +245,13 @@ class Daemon:
             reasons.append("some replicated changes could not be applied to the kernel "
                            "(see stats)")
         reasons.extend(r.nft_sink.problems())  # refused writes waiting, in words
-        if not reasons:
-            return "ok", []
         failing = (self.config.peers and not up and not grace) or no_farms
-        return ("failing" if failing else "degraded"), reasons
+        if failing:
+            return "failing", reasons
+        waiting = self.links.awaited(grace)[0]
+        if waiting:
+            return "syncing", waiting + reasons
+        return ("degraded", reasons) if reasons else ("ok", [])
 
     def status(self) -> dict:
         health, reasons = self.health()
@@ -182,7 +262,9 @@ class Daemon:
             "reasons": reasons, "uptime_s": round(time.monotonic() - self.started, 1),
             "farms": sorted(self.replicator.view.farms),
             "peers_up": sum(lk.state == "up" for lk in links), "peers_total": len(links),
-            "pid": os.getpid(),
+            "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
+            **({"starting": self.starting()} if self.phase == "starting" else
+               {"sync": self.sync()}),
             "startup_read": self.learner.reads.status(),  # per map: read, done, how long
         }
 

@@ -51,6 +51,7 @@ class KernelReads:
         self.replica = replicator.replica
         self.links = links
         self.startup_ct: dict = {}
+        self.ct_seen = 0  # conntrack entries read so far at start-up (`starting` in ctl status)
         self.startup_reads: dict[str, MapRead] = {}
         self.map_reads: dict[str, MapRead] = {}  # the latest later read of each map
         self.slowest_slice_ms = 0.0
@@ -93,6 +94,7 @@ class KernelReads:
         for ct in dump():
             seen += 1
             if not seen & 63 and time.perf_counter() >= deadline:
+                self.ct_seen = seen
                 await asyncio.sleep(0)  # the control socket answers during a long read
                 now = time.monotonic()
                 deadline = time.perf_counter() + SLICE_S
@@ -111,6 +113,7 @@ class KernelReads:
                     derived.setdefault(rmap.map_id, []).append(key)
                     sessions += 1
         took = time.monotonic() - t0
+        self.ct_seen = seen
         self.startup_ct = {"entries": entries, "sessions": sessions, "read": seen,
                            "duration_s": round(took, 3)}
         log.info("conntrack: %d entr%s of the farms at start-up, %d session(s) derived from "

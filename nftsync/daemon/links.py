@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
@@ -43,10 +44,51 @@ class Links:
         self.dialled: dict[str, PeerLink] = {}
         self.inbound: list[PeerLink] = []
         self.auth_failures = 0
+        # Node id -> when a snapshot of that peer was last in our kernel (its first one since
+        # the start ends our wait for it: the `syncing` health, docs/daemon.md "Health").
+        self.synced: dict[int, float] = {}
         self._server: asyncio.base_events.Server | None = None
 
     def all(self) -> list[PeerLink]:
         return [*self.dialled.values(), *self.inbound]
+
+    def _applied(self, link: PeerLink, node_id: int) -> None:
+        self.synced[node_id] = time.monotonic()
+
+    def awaited(self, in_grace: bool) -> tuple[list[str], int, int]:
+        """Whose state this node is still waiting for: (one line per awaited peer, peers whose
+        snapshot is in our kernel, peers counted). A configured peer is awaited while it is
+        connected (directly or by its own inbound connection) and its first snapshot since our
+        start is not in our kernel yet, or while `in_grace` (the first moments after we began
+        listening) if it has not connected yet; one that stays away past the grace is not
+        awaited: it is down, which health says as `degraded`. A peer that dialled us without
+        being configured is awaited while it is connected, until its snapshot is in."""
+        waiting: list[str] = []
+        done = total = 0
+        configured: set[int] = set()
+        for link in self.dialled.values():
+            total += 1
+            if link.node_id is not None:
+                configured.add(link.node_id)
+                if link.node_id in self.synced:
+                    done += 1
+                    continue
+            serving = self._serving(link) if link.state == "served" else None
+            live = serving or link
+            if live.state == "up":
+                waiting.append(f"peer {link.name}: {live.snapshot_progress()}")
+            elif in_grace:
+                waiting.append(f"peer {link.name}: not connected yet"
+                               + (f" ({link.last_error})" if link.last_error else ""))
+        for link in self.inbound:
+            if link.node_id is None or link.node_id in configured or link.state != "up":
+                continue
+            total += 1
+            if link.node_id in self.synced:
+                done += 1
+            else:
+                waiting.append(f"peer {link.name}: {link.snapshot_progress()}")
+        return waiting, done, total
 
     def enqueue(self, rec: Record) -> None:
         """A local change, for every peer (the queues coalesce by key)."""
@@ -111,7 +153,7 @@ class Links:
 
     # -- dialling and accepting ----------------------------------------------------------------
     def add_dialer(self, name: str, host: str, port: int) -> None:
-        link = PeerLink(self.replicator, name, host, port)
+        link = PeerLink(self.replicator, name, host, port, on_applied=self._applied)
         self.dialled[name] = link
         link.dialer = asyncio.create_task(self._dial(link))
 
@@ -179,7 +221,8 @@ class Links:
             await ch.refuse(RefuseReason.DUPLICATE_PEER)
             return
         if link is None:
-            link = PeerLink(self.replicator, f"{ch.peer.node_name}@{peername[0]}")
+            link = PeerLink(self.replicator, f"{ch.peer.node_name}@{peername[0]}",
+                            on_applied=self._applied)
             self.inbound.append(link)
         try:
             # The new connection wins (the old one is half-dead, or loses the tie-break).

@@ -18,17 +18,20 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from nftsync import __version__
 from nftsync.endpoint import format_endpoint
 from nftsync.proto import (
+    FLAG_IGNORABLE,
     Ack,
     Channel,
     ConnectionClosed,
     ConntrackRecord,
     Heartbeat,
+    NodeInfo,
     PeerRefused,
     ProtocolError,
     Record,
@@ -73,6 +76,13 @@ class Replicator(Protocol):
 
     async def kernel_room(self) -> None: ...
 
+    def kernel_queued(self) -> int:
+        """Kernel writes queued and not done yet (for the logs)."""
+        ...
+
+    def after_kernel_writes(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (in the loop) once every kernel write queued so far is done."""
+
 
 @dataclass(slots=True)
 class LinkStats:
@@ -100,13 +110,18 @@ class PeerLink:
     """A peer known by configuration (dialled) or by an inbound connection."""
 
     def __init__(self, replicator: Replicator, name: str, host: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None,
+                 on_applied: Callable[[PeerLink, int], None] | None = None) -> None:
         self.replicator = replicator
+        # Called with (this link, the peer's node id) when a snapshot from the peer is in our
+        # kernel: Links keeps which peers' state this node has (the `syncing` health).
+        self.on_applied = on_applied
         self.name = name
         self.host = host
         self.port = port
         self.node_id: int | None = None
         self.node_name: str | None = None
+        self.software: str | None = None  # the peer's nftsync version (NODE_INFO), if it said
         self.channel: Channel | None = None
         self.state = "down"
         self.since = time.monotonic()
@@ -123,6 +138,7 @@ class PeerLink:
         self.snap_epoch: int | None = None
         self.snap_since = 0.0
         self.snap_count = 0
+        self.snap_taken = 0  # records of the snapshot being received that won (were written)
         self.tasks: list[asyncio.Task] = []
         self.dialer: asyncio.Task | None = None
         # Connections we ended on purpose (replaced, stopping), with what their `down` line says.
@@ -162,6 +178,8 @@ class PeerLink:
             "name": self.name,
             "address": format_endpoint(self.host, self.port) if self.host else None,
             "node_id": self.node_id, "node_name": self.node_name, "state": self.state,
+            "version": self.software,
+            "protocol": self.channel.version if self.channel is not None else None,
             "since_s": round(time.monotonic() - self.since, 1), "last_error": self.last_error,
             "sent": s.sent, "received": s.received, "applied": s.applied,
             "frames_sent": s.frames_sent, "frames_received": s.frames_received,
@@ -181,6 +199,7 @@ class PeerLink:
         self.channel = channel
         self.node_id = channel.peer.node_id
         self.node_name = channel.peer.node_name
+        self.software = None  # until this connection's NODE_INFO says
         self.state = "up"
         self.since = time.monotonic()
         self.last_error = ""
@@ -193,6 +212,12 @@ class PeerLink:
         self.last_rx = time.monotonic()
         self.wake.set()
         log.info("peer %s: up (node %d %s)", self.name, self.node_id, self.node_name)
+        try:
+            # First, before the snapshot: who we are, now that the peer proved the key.
+            # IGNORABLE: a node without NODE_INFO skips it (docs/protocol.md).
+            await channel.send(NodeInfo(__version__), FLAG_IGNORABLE)
+        except (ConnectionClosed, ValueError) as exc:
+            log.debug("peer %s: NODE_INFO not sent: %s", self.name, exc)
         # This attach owns these tasks: a replacing channel gets its own list, so cleaning up
         # here never cancels the successor's tasks.
         tasks = [asyncio.create_task(self._send_loop(channel)),
@@ -322,7 +347,8 @@ class PeerLink:
         self.stats.sent += sent
         self.stats.snapshots_sent += 1
         self.stats.snapshot_sent_s.observe(time.monotonic() - began)
-        log.info("peer %s: sent snapshot epoch %d (%d records)", self.name, epoch, sent)
+        log.info("peer %s: snapshot epoch %d sent: %d entries in %.1fs", self.name, epoch, sent,
+                 time.monotonic() - began)
 
     # -- receiving ---------------------------------------------------------------------------
     async def _recv_loop(self, ch: Channel) -> None:
@@ -354,7 +380,7 @@ class PeerLink:
             elif isinstance(msg, SnapshotBegin):
                 if msg.origin != self.node_id:
                     raise ProtocolError(f"snapshot of origin {msg.origin} from node {self.node_id}")
-                self.snap_epoch, self.snap_count = msg.epoch, 0
+                self.snap_epoch, self.snap_count, self.snap_taken = msg.epoch, 0, 0
                 self.snap_since = time.monotonic()
             elif isinstance(msg, SnapshotChunk):
                 if msg.epoch != self.snap_epoch:
@@ -375,8 +401,7 @@ class PeerLink:
                 self.stats.snapshots_received += 1
                 took = time.monotonic() - self.snap_since
                 self.stats.snapshot_received_s.observe(took)
-                log.info("peer %s: snapshot epoch %d received (%d records, %.1f s)", self.name,
-                         msg.epoch, msg.count, took)
+                self._snapshot_received(msg.epoch, msg.count)
                 await ch.send(Ack(self.recv_seq))
             elif isinstance(msg, Ack):
                 for seq in [s for s in self.sent_at if s <= msg.seq]:
@@ -387,9 +412,37 @@ class PeerLink:
                 self.wake.set()
             elif isinstance(msg, ResyncRequest):
                 self.request_snapshot(f"the peer asked: {msg.text or msg.reason}")
+            elif isinstance(msg, NodeInfo):
+                self.software = msg.software
             elif isinstance(msg, Heartbeat) and frames_since_ack:
                 await ch.send(Ack(self.recv_seq))
                 frames_since_ack, last_ack = 0, time.monotonic()
+
+    def _snapshot_received(self, epoch: int, count: int) -> None:
+        """Every record of a snapshot is merged: say so, and say again once what won is in the
+        kernel (the writer threads have done every write queued until now)."""
+        node, began, taken = self.node_id, self.snap_since, self.snap_taken
+        assert node is not None
+        log.info("peer %s: snapshot epoch %d received: %d entries in %.1fs, %d taken "
+                 "(%d kernel writes queued)", self.name, epoch, count,
+                 time.monotonic() - began, taken, self.replicator.kernel_queued())
+
+        def applied() -> None:
+            log.info("peer %s: snapshot epoch %d applied: %d entries, %d written to the kernel, "
+                     "%.1fs after it began", self.name, epoch, count, taken,
+                     time.monotonic() - began)
+            if self.on_applied is not None:
+                self.on_applied(self, node)
+
+        self.replicator.after_kernel_writes(applied)
+
+    def snapshot_progress(self) -> str:
+        """What `ctl status` says of a connected peer whose first snapshot this node awaits."""
+        if self.snap_epoch is not None:
+            return f"receiving its snapshot ({self.snap_count:,} entries so far)"
+        if self.stats.snapshots_received:
+            return "its snapshot's writes are going into the kernel"
+        return "connected, its snapshot has not begun"
 
     async def _apply(self, records: list[Record], in_snapshot: bool) -> None:
         """Merge a frame's records, APPLY_SLICE at a time with the loop's other work between
@@ -403,6 +456,8 @@ class PeerLink:
                                                              self.node_id, in_snapshot)
             self.stats.applied += applied
             self.stats.rejected += rejected
+            if in_snapshot:
+                self.snap_taken += applied
 
 
 def _pct(values: list[float], q: float) -> float | None:

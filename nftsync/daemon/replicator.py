@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from nftsync.errors import NftsyncError
 from nftsync.nft import Nft
@@ -133,3 +133,26 @@ class Replicator:
         """Wait while the kernel writer is far behind (back-pressure on the peer's stream)."""
         if self.kernel is not None:
             await self.kernel.wait_room()
+
+    def kernel_queued(self) -> int:
+        """Changes handed to the kernel writer threads and not written yet."""
+        return self.kernel.queued if self.kernel is not None else 0
+
+    def after_kernel_writes(self, callback: Callable[[], None]) -> None:
+        """Call `callback` in the loop once every kernel write queued so far is done: a
+        marker goes through each writer lane, which runs its jobs in order (writer.py), so
+        when the markers of all lanes are back, what was queued before them is written."""
+        kernel = self.kernel
+        if kernel is None:
+            callback()
+            return
+        left = [len(kernel.lanes)]
+        loop = kernel.loop
+
+        def one_lane() -> None:  # in the loop
+            left[0] -= 1
+            if not left[0]:
+                callback()
+
+        for lane in kernel.lanes:
+            kernel.submit(loop.call_soon_threadsafe, 0, one_lane, lane=lane)

@@ -7,6 +7,7 @@ on click, so the daemon can be run (and tested) without the CLI.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from nftsync.errors import NftsyncError
 
 from .config import DaemonConfig, load_config
 from .control import ControlServer
+from .notify import Notifier
 from .realtime import RealtimeScheduling
 
 log = logging.getLogger("nftsync.daemon")
@@ -36,6 +38,9 @@ def serve(config: DaemonConfig, config_path: str | None, overrides: dict[str, An
     start, as with every other unusable setting.
     """
     setup_logging(config.log_level)
+    # A stuck event loop is killed by systemd's watchdog with SIGABRT: the traceback of every
+    # thread goes to the journal first, so the log says where the loop was stuck.
+    faulthandler.enable()
     realtime = None
     if config.realtime_priority:
         # First, in the only thread there is: the threads started later are SCHED_OTHER.
@@ -108,7 +113,8 @@ class _Runner:
     async def run(self) -> None:
         from .core import Daemon  # the core loads the kernel adapters: only when running
 
-        daemon = Daemon(self.config)
+        notifier = Notifier()  # $NOTIFY_SOCKET (systemd Type=notify), or nothing
+        daemon = Daemon(self.config, notifier)
         loop = asyncio.get_running_loop()
         # Handlers first: a stop requested during start-up makes run() return right after it.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,6 +149,7 @@ class _Runner:
             for task in list(self._tasks):
                 task.cancel()
             await control.close()
+            notifier.close()
         log.info("nftsync daemon stopped")
 
     def _stop(self, daemon: Any, signame: str) -> None:
@@ -155,7 +162,19 @@ class _Runner:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self, daemon: Any) -> None:
-        """SIGHUP: re-read the file (flags still win); keep the running config if it is bad."""
+        """SIGHUP: re-read the file (flags still win); keep the running config if it is bad.
+        Once running, systemd hears RELOADING=1 before and READY=1 after, whatever the outcome
+        (during start-up READY=1 is start-up's to send)."""
+        running = daemon.phase == "running"
+        if running:
+            daemon.notifier.reloading()
+        try:
+            await self._reload(daemon)
+        finally:
+            if running:
+                daemon.notifier.ready(daemon.summary())
+
+    async def _reload(self, daemon: Any) -> None:
         async with self._reload_lock:
             source = self.config.config_file or "the command line (no config file)"
             log.info("SIGHUP received: reloading the configuration from %s", source)

@@ -36,8 +36,10 @@ class DaemonProc:
     start_timeout = 15.0
 
     def __init__(self, netns: str, name: str, node_id: int, listen: str, peers: list[str],
-                 key: Path, workdir: Path, role: str = "backup", extra: tuple[str, ...] = ()):
+                 key: Path, workdir: Path, role: str = "backup", extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.netns, self.name, self.node_id = netns, name, node_id
+        self.env = env  # the daemon's environment (None: the test's), e.g. NOTIFY_SOCKET
         self.listen, self.peers, self.key, self.role = listen, peers, key, role
         self.socket = workdir / f"{name}.sock"
         self.log = workdir / f"{name}.log"
@@ -51,7 +53,8 @@ class DaemonProc:
                "--node-id", str(self.node_id), "--cluster", self.cluster, "--role", self.role,
                *[a for p in self.peers for a in ("--peer", f"{p}:{self.port}")], *self.extra]
         logf = open(self.log, "a")  # noqa: SIM115 - owned by the child for its lifetime
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                     env=self.env)
         logf.close()
         # Not just "the socket file exists": after a crash a stale one is left behind.
         self.wait(self._answers, self.start_timeout,
@@ -77,6 +80,10 @@ class DaemonProc:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def synced(self) -> bool:
+        """Past `starting` and `syncing`: every connected peer's snapshot is in its kernel."""
+        return self.ctl("status")["health"] not in ("starting", "syncing")
 
     def peers_up(self) -> int:
         return sum(p["state"] == "up" for p in self.ctl("peers"))
@@ -140,6 +147,8 @@ def daemon_pair(lab: Lab, workdir: Path, farm_file: Path,
         d2.start()
         d1.wait(lambda: d1.peers_up() >= 1, connect_timeout, "lb2 connected")
         d2.wait(lambda: d2.peers_up() >= 1, connect_timeout, "lb1 connected")
+        for d in daemons.values():  # each has the other's snapshot in its kernel
+            d.wait(d.synced, connect_timeout, "the peer's snapshot applied")
         yield daemons
     finally:
         for d in daemons.values():

@@ -57,6 +57,12 @@ class _Replicator:
     async def kernel_room(self) -> None:
         return None
 
+    def kernel_queued(self) -> int:
+        return 0
+
+    def after_kernel_writes(self, callback) -> None:
+        callback()  # no kernel: everything is written
+
 
 def _free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -12,12 +12,16 @@ The transaction, for each table the file declares:
 
 Session maps whose definition did not change are never dumped (a big timeout map is slow to dump):
 `flush table` leaves them and their elements alone. Maps that must be re-created (timeout, size,
-flags, key type, renamed) are dumped first, and their sessions re-added with their remaining expiry.
+flags, key type, renamed) are read with the streamed netlink dump as the last step before the
+commit, and their sessions re-added with their remaining expiry (`nftsync.carryover` says why it
+reads in passes and what the gap between the read and the commit can miss).
 
-Rules cannot be compared with the kernel cheaply (listing a chain dumps every set of its table), so
-the digest of the file's evaluated ruleset is recorded per table under /run/nftsync/applied/; a
-re-apply of an unchanged file whose chains still have the same handles changes nothing. `--force`
-re-applies regardless (e.g. after someone edited the rules by hand).
+Each apply records per table under /run/nftsync/applied/ the digest of the file's evaluated
+ruleset and the kernel's own view of the table after the commit (chains, rules, set definitions,
+read by netlink: `nftsync.netlink.ruleset_read`). A re-apply compares a fresh read with it: an
+unchanged file on an unchanged kernel changes nothing; anything edited by hand (`nftsync.drift`)
+is reported and repaired by the same one transaction as any apply, which keeps the sessions.
+`--force` re-applies regardless.
 """
 
 from __future__ import annotations
@@ -26,13 +30,18 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nftsync import backends as backend_states
+from nftsync import carryover
+from nftsync.datatypes import DatatypeError, join_concat
+from nftsync.drift import Drift, compare, rule_texts, stamp_of
 from nftsync.errors import RulesetError
 from nftsync.model import Farm, Role, Session, SessionMap
+from nftsync.netlink.ruleset_read import TableView, read_table
 from nftsync.nft import Nft
 from nftsync.proto.wire import MAX_REMAINING_MS
 from nftsync.ruleset import (
@@ -51,6 +60,13 @@ from nftsync.tables.nftmap import NftSessionMap
 
 STAMP_DIR = Path(os.environ.get("NFTSYNC_STATE_DIR", "/run/nftsync")) / "applied"
 OWNED = (Role.SESSIONS, Role.STATIC, Role.STATES)
+
+#: Progress of long steps: (what, done, total or None); the CLI draws it on a terminal.
+Report = Callable[[str, int, "int | None"], None]
+
+
+def _silent(_what: str, _done: int, _total: int | None = None) -> None:
+    return None
 
 
 @dataclass
@@ -72,15 +88,21 @@ class Plan:
     commands: list[str] = field(default_factory=list)
     restored: dict[str, int] = field(default_factory=dict)  # map -> sessions carried over
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)
     farms: list[str] = field(default_factory=list)
     changed: bool = True
     applied: bool = False
-    carried: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)  # map_id -> keys
+    # Filled by _plan, carried out by _carry just before the commit:
+    restores: list[tuple[SessionMap, SessionMap | None, Change]] = field(default_factory=list)
+    prunes: list[tuple[SessionMap, set[int]]] = field(default_factory=list)
+    tail: list[str] = field(default_factory=list)  # backend states, after the sessions
+    carried: dict[str, set[bytes]] = field(default_factory=dict)  # map_id -> keys (raw)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("commands", "carried", "restores", "prunes", "tail")}
         d["changes"] = [asdict(c) for c in self.changes]
-        del d["commands"], d["carried"]
+        d["drift"] = [x.as_dict() for x in self.drift]
         return d
 
 
@@ -96,10 +118,12 @@ def check(path: str) -> Desired:
 
 
 def apply(path: str, *, dry_run: bool = False, force: bool = False, nft: Nft | None = None,
-          extra_sessions: dict[str, list[Session]] | None = None) -> Plan:
+          extra_sessions: dict[str, list[Session]] | None = None,
+          report: Report = _silent) -> Plan:
     """Load `path` in one transaction. `extra_sessions` ({"farm/role": sessions}) are added to
     those maps in the same transaction, replacing entries with the same key (used by
-    `nftsync compat migrate` so the legacy sessions and the new farm arrive together)."""
+    `nftsync compat migrate` so the legacy sessions and the new farm arrive together).
+    `report` hears of the long steps (reading maps to carry over, the commit)."""
     nft = nft or Nft()
     desired = evaluate_file(path)
     try:
@@ -113,22 +137,28 @@ def apply(path: str, *, dry_run: bool = False, force: bool = False, nft: Nft | N
         raise RulesetError(f"{path}: declares no table; a farm file declares its table(s)")
     current = current_tables(nft, wanted)
     old_farms = current_farms(nft)
-    _plan(plan, desired, current, old_farms, new_farms, nft)
-    if extra_sessions:
-        _add_extra(plan, extra_sessions, old_farms, new_farms, nft)
-    stamps = {tid: _table_digest(desired, tid) for tid in wanted}
+    _plan(plan, desired, current, old_farms, new_farms)
+    digests = {tid: _table_digest(desired, tid) for tid in wanted}
+    stamps_ok = _check_stamps(plan, digests, wanted)
     structural = any(c.action not in ("keep", "flush") for c in plan.changes)
-    plan.changed = force or structural or bool(plan.dropped) or \
-        not _stamps_match(stamps, nft, wanted) or not _static_elements_match(desired, nft, current)
+    plan.changed = force or structural or bool(plan.prunes) or bool(plan.drift) or \
+        not stamps_ok or not _static_elements_match(desired, nft, current)
     if not plan.changed:
         plan.changes = [c for c in plan.changes if c.action == "keep"]
         return plan
     plan.changes.extend(Change("replace", "rules", f"{f} {t}") for f, t in sorted(wanted))
+    # Read what must be carried over as late as possible: the old maps serve until the commit.
+    carry = _carry(plan, new_farms, report, keep_keys=bool(extra_sessions))
+    if extra_sessions:
+        carry += _add_extra(plan, extra_sessions, old_farms, new_farms, nft)
     if dry_run:
         return plan
-    nft.cmd("\n".join(plan.commands), what=f"apply {path}")
+    text = "\n".join(plan.commands + carry + plan.tail)
+    del carry
+    report(f"committing {path} (one transaction)", 0, None)
+    nft.cmd(text, what=f"apply {path}")
     plan.applied = True
-    _write_stamps(stamps, nft, wanted)
+    _write_stamps(desired, digests, wanted)
     return plan
 
 
@@ -169,7 +199,8 @@ def check_wire_limits(path: str, desired: Desired, farms: dict[str, Farm]) -> No
 
 
 def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
-          old_farms: dict[str, Farm], new_farms: dict[str, Farm], nft: Nft) -> None:
+          old_farms: dict[str, Farm], new_farms: dict[str, Farm]) -> None:
+    """The transaction's commands up to the file's `include`, and what `_carry` must read."""
     cmds = plan.commands
     for fam, name in sorted(desired.tables):
         if (fam, name) not in current:
@@ -178,8 +209,6 @@ def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
 
     owned_old = {(m.ref.family, m.ref.table, m.ref.name): m
                  for farm in old_farms.values() for m in farm.maps.values()}
-    restore: list[tuple[SessionMap, list[Session]]] = []
-    after: list[str] = []
 
     desired_chains = {(c["chain"]["family"], c["chain"]["table"], c["chain"]["name"]):
                       chain_header(c["chain"]) for c in desired.chains if "chain" in c}
@@ -212,22 +241,19 @@ def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
                 if same:
                     plan.changes.append(Change("keep", kind, full, f"{old.role.value} of farm "
                                                f"{old.farm}, elements kept without a dump"))
-                    if old.role is not Role.STATES:
-                        after += _drop_removed_backends(plan, old, old_farms, new_farms, nft)
+                    gone = _removed_backends(old, old_farms, new_farms)
+                    if old.role is not Role.STATES and gone:
+                        plan.prunes.append((old, gone))
                     continue
-                sessions = NftSessionMap(old, nft).list() if old.role is not Role.STATES else []
                 cmds.append(f"delete {kind} {full}")
                 if target is None:
-                    plan.changes.append(Change("delete", kind, full, f"{old.role.value} of farm "
-                                               f"{old.farm}, {len(sessions)} session(s) dropped"))
-                    plan.dropped += [_dropped(old, s, "map removed from the file")
-                                     for s in sessions]
+                    change = Change("delete", kind, full, f"{old.role.value} of farm {old.farm}")
                 else:
-                    plan.changes.append(Change("redefine", kind, full,
-                                               f"{len(sessions)} session(s) carried over"
-                                               + (f" into {target.ref}" if target.ref != old.ref
-                                                  else "")))
-                    restore.append((target, sessions))
+                    change = Change("redefine", kind, full, "" if target.ref == old.ref
+                                    else f"into {target.ref}")
+                plan.changes.append(change)
+                if old.role is not Role.STATES:
+                    plan.restores.append((old, target, change))
                 continue
             if new_body is None:
                 cmds.append(f"delete {kind} {full}")
@@ -249,23 +275,69 @@ def _plan(plan: Plan, desired: Desired, current: dict[TableId, TableBlocks],
                 plan.changes.append(Change("create", kind, f"{tid[0]} {tid[1]} {name}"))
 
     cmds.append(f'include "{_quoted_path(plan.path)}"')
-    for target, sessions in restore:
-        kept = _carry_over(plan, target, sessions, new_farms)
-        plan.restored[str(target.ref)] = len(kept)
-        plan.carried[target.map_id] = [s.key for s in kept]
-        cmds += NftSessionMap(target, nft).commands(add=kept)
-    cmds += after
     for farm in new_farms.values():
         if Role.STATES not in farm.maps:
             continue
         old = old_farms.get(farm.name)
         states = {m: s for m, s in (old.states if old else {}).items() if m in farm.backends}
         farm.states = states
-        cmds += backend_states.states_commands(farm, states)
+        plan.tail += backend_states.states_commands(farm, states)
+
+
+def _carry(plan: Plan, new_farms: dict[str, Farm], report: Report,
+           keep_keys: bool = False) -> list[str]:
+    """Read the maps to carry over or prune (streamed, see nftsync.carryover) and return their
+    element commands; fills in the plan's counts and dropped sessions."""
+    cmds: list[str] = []
+    for old, target, change in plan.restores:
+        read = carryover.read_map(old, report)
+        if target is None:
+            plan.dropped += [_dropped_raw(old, k, m, "map removed from the file")
+                             for k, m in _texts(read)]
+            change.detail += f", {len(read)} session(s) dropped"
+            continue
+        backends = set(new_farms[target.farm].backends)
+        done = carryover.carry_commands(read, target, backends)
+        del read
+        cmds += done.commands
+        plan.dropped += [_dropped_raw(target, k, m, why) for k, m, why in done.dropped]
+        plan.restored[str(target.ref)] = done.kept
+        if keep_keys:
+            plan.carried[target.map_id] = set(done.keys)
+        detail = f"{done.kept} session(s) carried over"
+        if done.expired:
+            detail += f", {done.expired} expired meanwhile"
+        change.detail = detail + (f" {change.detail}" if change.detail else "")
+    for smap, gone in plan.prunes:
+        read = carryover.read_map(smap, report)
+        prune, doomed = carryover.prune_commands(read, gone)
+        cmds += prune
+        plan.dropped += [_dropped_raw(smap, k, m, f"backend {m:#x} no longer exists")
+                         for k, m in doomed]
+    return cmds
+
+
+def _texts(read: carryover.MapRead) -> list[tuple[str, int]]:
+    fmt = carryover.key_formatter(read.smap.key_type)
+    out = []
+    for key, mark in read.marks().items():
+        try:
+            out.append((fmt(key), mark))
+        except DatatypeError:
+            out.append((key.hex(), mark))
+    return out
+
+
+def _removed_backends(smap: SessionMap, old_farms: dict[str, Farm],
+                      new_farms: dict[str, Farm]) -> set[int]:
+    old = old_farms.get(smap.farm)
+    new = new_farms.get(smap.farm)
+    return set(old.backends) - set(new.backends) if old and new else set()
 
 
 def _add_extra(plan: Plan, extra: dict[str, list[Session]], old_farms: dict[str, Farm],
-               new_farms: dict[str, Farm], nft: Nft) -> None:
+               new_farms: dict[str, Farm], nft: Nft) -> list[str]:
+    cmds: list[str] = []
     for map_id, sessions in extra.items():
         farm_name, _, role_name = map_id.partition("/")
         farm = new_farms.get(farm_name)
@@ -274,16 +346,24 @@ def _add_extra(plan: Plan, extra: dict[str, list[Session]], old_farms: dict[str,
             raise RulesetError(f"{plan.path}: no {role_name} map of farm {farm_name!r} for the "
                                "sessions to carry over")
         # Keys the transaction will already hold there: kept elements or carried-over ones.
-        have: set[tuple[str, ...]] = set(plan.carried.get(map_id, ()))
+        have: set[bytes] = set(plan.carried.get(map_id, ()))
         old = old_farms.get(farm_name)
         old_map = old.maps.get(target.role) if old else None
         if old_map is not None and old_map.ref == target.ref and map_id not in plan.carried:
-            have |= {s.key for s in NftSessionMap(old_map, nft).list()}
-        clash = [s.key for s in sessions if s.key in have]
-        plan.commands += NftSessionMap(target, nft).commands(add=sessions, delete=clash)
+            have |= set(carryover.read_map(old_map).entries)
+        clash = [s.key for s in sessions if _raw_key(s.key, target) in have]
+        cmds += NftSessionMap(target, nft).commands(add=sessions, delete=clash)
         plan.restored[str(target.ref)] = plan.restored.get(str(target.ref), 0) + len(sessions)
         plan.changes.append(Change("add", "sessions", str(target.ref),
                                    f"{len(sessions)} session(s) carried in"))
+    return cmds
+
+
+def _raw_key(key: tuple[str, ...], smap: SessionMap) -> bytes | None:
+    try:
+        return join_concat(key, smap.key_type)
+    except DatatypeError:
+        return None
 
 
 def _target_map(old: SessionMap, new_farms: dict[str, Farm]) -> SessionMap | None:
@@ -291,43 +371,8 @@ def _target_map(old: SessionMap, new_farms: dict[str, Farm]) -> SessionMap | Non
     return farm.maps.get(old.role) if farm else None
 
 
-def _carry_over(plan: Plan, target: SessionMap, sessions: list[Session],
-                new_farms: dict[str, Farm]) -> list[Session]:
-    """Sessions that fit the re-created map, with their remaining expiry (capped at its timeout)."""
-    backends = new_farms[target.farm].backends
-    kept = []
-    for s in sessions:
-        if len(s.key) != len(target.key_type):
-            why = f"key does not fit {' . '.join(target.key_type)}"
-            plan.dropped.append(_dropped(target, s, why))
-        elif s.mark not in backends:
-            plan.dropped.append(_dropped(target, s, f"backend {s.mark:#x} no longer exists"))
-        elif target.role is Role.STATIC:
-            kept.append(Session(key=s.key, mark=s.mark, comment=s.comment))
-        else:
-            expires = s.expires if s.expires is not None else target.timeout
-            if target.timeout is not None and expires is not None:
-                expires = min(expires, target.timeout)
-            kept.append(Session(key=s.key, mark=s.mark, expires=expires, comment=s.comment))
-    return kept
-
-
-def _drop_removed_backends(plan: Plan, smap: SessionMap, old_farms: dict[str, Farm],
-                           new_farms: dict[str, Farm], nft: Nft) -> list[str]:
-    """Delete the sessions of backends the file removed (dumps the map only in that case)."""
-    old = old_farms.get(smap.farm)
-    new = new_farms.get(smap.farm)
-    gone = set(old.backends) - set(new.backends) if old and new else set()
-    if not gone:
-        return []
-    table = NftSessionMap(smap, nft)
-    doomed = [s for s in table.list() if s.mark in gone]
-    plan.dropped += [_dropped(smap, s, f"backend {s.mark:#x} no longer exists") for s in doomed]
-    return table.commands(delete=[s.key for s in doomed])
-
-
-def _dropped(smap: SessionMap, s: Session, why: str) -> dict[str, Any]:
-    return {"map": str(smap.ref), "farm": smap.farm, "key": s.key_text, "backend": f"{s.mark:#x}",
+def _dropped_raw(smap: SessionMap, key_text: str, mark: int, why: str) -> dict[str, Any]:
+    return {"map": str(smap.ref), "farm": smap.farm, "key": key_text, "backend": f"{mark:#x}",
             "reason": why}
 
 
@@ -344,36 +389,48 @@ def _table_digest(desired: Desired, tid: TableId) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _chain_handles(nft: Nft, tid: TableId) -> dict[str, int]:
-    return {c["chain"]["name"]: c["chain"]["handle"] for c in nft.list_json("chains")
-            if "chain" in c and (c["chain"]["family"], c["chain"]["table"]) == tid}
-
-
 def _stamp_path(tid: TableId) -> Path:
     """Per network namespace (its inode), since each namespace has a ruleset of its own."""
     netns = os.stat("/proc/self/ns/net").st_ino
     return STAMP_DIR / f"netns-{netns}" / f"{tid[0]}-{tid[1]}.json"
 
 
-def _stamps_match(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) -> bool:
-    for tid in wanted:
+def _check_stamps(plan: Plan, digests: dict[TableId, str], wanted: set[TableId]) -> bool:
+    """True if every table was applied from this very file and the kernel still holds what that
+    apply left (else False); what differs from the last apply's record goes to `plan.drift`.
+    A table without a record (never applied, or by an older nftsync) is applied, silently."""
+    same = True
+    for tid in sorted(wanted):
         try:
             stamp = json.loads(_stamp_path(tid).read_text())
         except (OSError, ValueError):
-            return False
-        chains = _chain_handles(nft, tid)
-        if not chains or stamp.get("digest") != stamps[tid] or stamp.get("chains") != chains:
-            return False
-    return True
+            same = False
+            continue
+        kernel = stamp.get("kernel")
+        if stamp.get("digest") != digests[tid] or not isinstance(kernel, dict):
+            same = False
+        if isinstance(kernel, dict):
+            plan.drift += compare(kernel, read_table(*tid), f"{tid[0]} {tid[1]}")
+    return same and not plan.drift
 
 
-def _write_stamps(stamps: dict[TableId, str], nft: Nft, wanted: set[TableId]) -> None:
+def _write_stamps(desired: Desired, digests: dict[TableId, str], wanted: set[TableId]) -> None:
+    """Record the file's digest and the kernel's view of each table right after the commit."""
+    map_names = {w["map"]["name"] for w in desired.maps if "map" in w}
     for tid in wanted:
-        _stamp_path(tid).parent.mkdir(parents=True, exist_ok=True)
-        doc = {"digest": stamps[tid], "chains": _chain_handles(nft, tid), "time": time.time()}
-        tmp = _stamp_path(tid).with_suffix(".tmp")
+        view: TableView | None = read_table(*tid)
+        if view is None:
+            continue
+        blk = desired.tables[tid]
+        texts = {name: rule_texts(body) for (kind, name), body in blk.objects.items()
+                 if kind == "chain"}
+        doc = {"digest": digests[tid], "kernel": stamp_of(view, texts, map_names),
+               "time": time.time()}
+        path = _stamp_path(tid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
-        tmp.replace(_stamp_path(tid))
+        tmp.replace(path)
 
 
 def _static_elements_match(desired: Desired, nft: Nft,

@@ -6,6 +6,7 @@ import click
 
 from nftsync import apply as applier
 from nftsync.cli.common import emit, handle_errors, json_option, require_root
+from nftsync.cli.progress import Progress
 
 
 @click.command("apply")
@@ -25,7 +26,9 @@ def command(file: str, check: bool, dry_run: bool, force: bool, as_json: bool) -
     Live sessions survive: session maps whose definition is unchanged keep their elements (they
     are not even read); maps that must be re-created (new timeout, size, key, name) are carried
     over with each session's remaining time. Sessions of backends the file no longer has are
-    dropped and listed. Re-applying an unchanged file changes nothing.
+    dropped and listed. Re-applying an unchanged file changes nothing; if the farm's tables were
+    changed by hand since the last apply (a chain flushed or deleted, a rule added, a map
+    redefined), that drift is reported and repaired in the same transaction, sessions kept.
 
     \b
     Examples:
@@ -40,7 +43,8 @@ def command(file: str, check: bool, dry_run: bool, force: bool, as_json: bool) -
         emit(as_json, {"file": file, "valid": True, "tables": tables},
              lambda d: f"{file}: valid ({', '.join(tables)})")
         return
-    plan = applier.apply(file, dry_run=dry_run, force=force)
+    with Progress.for_cli(as_json) as progress:
+        plan = applier.apply(file, dry_run=dry_run, force=force, report=progress)
     emit(as_json, plan.as_dict() | {"dry_run": dry_run}, lambda _: _text(plan, dry_run))
 
 
@@ -49,6 +53,10 @@ def _text(plan: applier.Plan, dry_run: bool) -> str:
         return f"{plan.path}: already applied, nothing changed"
     head = "would apply" if dry_run else "applied"
     lines = [f"{head} {plan.path} in one transaction (farms: {', '.join(plan.farms) or 'none'})"]
+    if plan.drift:
+        verb = "would be repaired" if dry_run else "repaired"
+        lines.append(f"  drift since the last apply ({verb}):")
+        lines += [f"    {d}" for d in plan.drift]
     lines += [f"  {c}" for c in plan.changes]
     for where, n in plan.restored.items():
         lines.append(f"  sessions carried over into {where}: {n}")

@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -390,3 +391,70 @@ def test_readiness(pair_ns: dict[str, str], tmp_path: Path) -> None:
         if b is not None:
             b.close()
         note.close()
+
+
+UNIT_FILE = Path(__file__).parents[2] / "contrib" / "systemd" / "nftsync.service"
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    """contrib/systemd/nftsync.service passes `systemd-analyze verify`, with its ExecStart
+    pointed at this checkout's nftsync (the unit says /usr/bin, where the package puts it) and
+    without the man page check (the package installs nftsync-daemon(8))."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("no systemd-analyze")
+    unit = UNIT_FILE.read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "NotifyAccess=main" in unit
+    nftsync_bin = Path(sys.executable).parent / "nftsync"
+    (tmp_path / "nftsync.service").write_text(unit.replace("/usr/bin/nftsync",
+                                                           str(nftsync_bin)))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                        str(tmp_path / "nftsync.service")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def _systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
+
+
+@pytest.mark.skipif(not _systemd_running(), reason="systemd is not PID 1")
+def test_under_systemd(tmp_path: Path) -> None:
+    """The real systemd: a transient Type=notify unit with a watchdog runs the daemon inside a
+    namespace of its own (`ip netns exec` keeps the pid, so the daemon is the unit's main
+    process). systemd-run returns once READY=1 arrived; the unit's status line is the daemon's;
+    a SIGSTOPped daemon is killed by the watchdog (Result=watchdog)."""
+    ns = netns.create("rdysd")
+    unit = f"nftsync-test-{uuid.uuid4().hex[:8]}"
+    key = make_key(tmp_path)
+    sock = tmp_path / "d.sock"
+
+    def show(*props: str) -> dict[str, str]:
+        out = subprocess.run(["systemctl", "show", unit, *(f"-p{p}" for p in props)],
+                             capture_output=True, text=True, timeout=30).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    try:
+        netns.run(ns, sys.executable, "-m", "nftsync", "apply", str(RULESETS / "farm.nft"))
+        r = subprocess.run(
+            ["systemd-run", f"--unit={unit}", "-p", "Type=notify", "-p", "NotifyAccess=main",
+             "-p", "WatchdogSec=3", "-p", "TimeoutStartSec=60", "-p", "LimitCORE=0",
+             "ip", "netns", "exec", ns, sys.executable, "-m", "nftsync", "daemon",
+             "--listen", "127.0.0.1:7794", "--key-file", str(key), "--socket", str(sock),
+             "--node-name", "solo"],
+            capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr
+        # systemd-run returned: the start job is done, i.e. READY=1 arrived.
+        state = show("ActiveState", "SubState", "StatusText", "MainPID")
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+        # No peers configured, none connected: nothing to wait for.
+        wait_for(lambda: show("StatusText")["StatusText"].startswith("ok: 0/0 peers up"), 30,
+                 "the daemon's STATUS line in systemctl")
+        pid = int(state["MainPID"])
+        assert control.call(str(sock), "status")["pid"] == pid
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: show("Result")["Result"] == "watchdog", 30,
+                 "the watchdog to kill the stopped daemon")
+    finally:
+        subprocess.run(["systemctl", "stop", unit], capture_output=True, timeout=60)
+        subprocess.run(["systemctl", "reset-failed", unit], capture_output=True, timeout=60)
+        netns.delete(ns)

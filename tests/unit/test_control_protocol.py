@@ -412,6 +412,78 @@ def test_ctl_outputs_and_status_exit_codes(served: Served) -> None:
     assert r.returncode == 0 and "ct_events" in r.stdout
 
 
+def test_status_exit_codes_while_starting_and_syncing(served: Served) -> None:
+    for health in ("starting", "syncing"):
+        served.daemon.health = health
+        r = ctl(served.path, "status")
+        assert r.returncode == 1 and f"health    {health}" in r.stdout, (r.stdout, r.stderr)
+
+
+class Healths(FakeDaemon):
+    """A daemon whose health moves on one step each time `status` is asked."""
+
+    def __init__(self, *healths: str) -> None:
+        super().__init__()
+        self.healths = list(healths)
+
+    def status(self) -> dict:
+        if len(self.healths) > 1:
+            self.health = self.healths.pop(0)
+        else:
+            self.health = self.healths[0]
+        out = super().status()
+        out["sync"] = {"peers_applied": 0 if self.health == "syncing" else 1, "peers": 1,
+                       "waiting": [], "kernel_queued": 3}
+        return out
+
+
+@pytest.mark.parametrize(("healths", "code", "asked"), [
+    (("starting", "syncing", "syncing", "ok"), 0, 4),
+    (("syncing", "degraded"), 1, 2),
+    (("starting", "failing"), 2, 2),
+    (("ok",), 0, 1),
+])
+def test_wait_ready_ends_with_the_health(sock_path: str, healths, code: int, asked: int) -> None:
+    daemon = Healths(*healths)
+    with Served(sock_path, daemon):
+        r = ctl(sock_path, "status", "--wait-ready", "--timeout", "60", "--json")
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["health"] == healths[-1]
+    assert [c for c, _ in daemon.calls].count("status") == asked
+    assert r.stderr == ""  # no progress line off a terminal
+
+
+def test_wait_ready_timeout_is_its_own_code(sock_path: str) -> None:
+    with Served(sock_path, Healths("syncing")):
+        r = ctl(sock_path, "status", "--wait-ready", "--timeout", "1")
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    assert "health    syncing" in r.stdout
+    assert r.stderr == "nftsync: error: the daemon is still syncing after 1 s\n"
+
+
+def test_wait_ready_waits_for_a_daemon_to_answer(tmp_path: Path) -> None:
+    path = str(tmp_path / "late.sock")
+    r = ctl(path, "status", "--wait-ready", "--timeout", "1")
+    assert r.returncode == 3 and r.stderr.startswith("nftsync: error: no daemon is listening")
+    # ... and takes one that comes up while it waits
+    proc = subprocess.Popen([*NFTSYNC, "ctl", "--socket", path, "status", "--wait-ready",
+                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(1.0)  # a few polls with no daemon
+        with Served(path, Healths("syncing", "ok")):
+            out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (out, err)
+
+
+def test_timeout_without_wait_ready_is_a_usage_error(served: Served) -> None:
+    r = ctl(served.path, "status", "--timeout", "5")
+    assert r.returncode == 2 and "--timeout SECONDS is for --wait-ready" in r.stderr
+    assert not served.daemon.calls
+
+
 # --- logging --------------------------------------------------------------------------------
 
 LOG_SNIPPET = """

@@ -12,7 +12,7 @@
 # the version: pyproject.toml reads it too). Needs the build dependencies (scripts/setup.sh
 # installs them), not root.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 
 die() { echo "build-deb.sh: $*" >&2; exit 1; }
 
@@ -22,11 +22,11 @@ if [[ "${1:-}" == --lintian ]]; then
     shift
 fi
 (($# == 1)) || die "usage: scripts/build-deb.sh [--lintian] OUTDIR"
-mkdir -p -- "$1"
-OUT=$(cd -- "$1" && pwd)
+OUT=$(realpath -m -- "$1")
 case "$OUT/" in
 "$ROOT"/*) die "OUTDIR $OUT is inside the tree; give a directory outside it" ;;
 esac
+mkdir -p -- "$OUT"
 
 # Debian's own tools and python3, not a venv's or pyenv's found first on PATH.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin

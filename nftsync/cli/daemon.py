@@ -49,6 +49,9 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
               help="Also replicate the xt_recent tables of this legacy iptables-recent farm "
               "(compat/farms/*.toml; repeat for several).")
 @click.option("--log-level", metavar="LEVEL", help="debug, info (default), warning or error.")
+@click.option("--log-format", metavar="FORMAT",
+              help="text (default: for people and journald) or json (one object per line: "
+                   "time, level, logger, message).")
 @click.option("--check", is_flag=True,
               help="Only validate the configuration, print it (without the key) and exit.")
 @json_option
@@ -58,7 +61,7 @@ def command(config_path: str | None, listen: str | None, metrics_listen: str | N
             key_file: str | None, role: str | None, socket: str | None, node_id: int | None,
             node_name: str | None, cluster: str | None, farms: tuple[str, ...],
             conntrack: bool | None, legacy_farms: tuple[str, ...], log_level: str | None,
-            check: bool, as_json: bool) -> None:
+            log_format: str | None, check: bool, as_json: bool) -> None:
     """Replicate sessions and conntrack entries to the peer load balancers (the seed's ssyncd).
 
     Settings are read from the config file, then the flags override them. The key file is
@@ -86,6 +89,7 @@ def command(config_path: str | None, listen: str | None, metrics_listen: str | N
         "listen": listen, "peers": list(peers), "key_file": key_file, "role": role,
         "socket": socket, "node_id": node_id, "node_name": node_name, "cluster": cluster,
         "farms": list(farms), "conntrack": conntrack, "log_level": log_level,
+        "log_format": log_format,
         "legacy_farms": list(legacy_farms), "metrics_listen": metrics_listen,
     }
     config = load_config(config_path, overrides)
@@ -110,6 +114,7 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "peers": [str(p) for p in config.peers], "key_file": config.key_file,
         "key_bytes": len(config.key), "farms": config.farms, "conntrack": config.conntrack,
         "legacy_farms": config.legacy_farms, "socket": config.socket, "log_level": config.log_level,
+        "log_format": config.log_format,
         "timing": {k: getattr(config, k) for k in ("heartbeat_interval", "peer_timeout",
                                                   "reconnect_min", "reconnect_max",
                                                   "batch_delay", "stall_after")},

@@ -22,6 +22,8 @@ from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
 from nftsync.proto.auth import KeyFileError, load_key
 
+from .logformat import LOG_FORMATS
+
 DEFAULT_PORT = 7777
 DEFAULT_METRICS_PORT = 9477  # docs/metrics.md; not in Prometheus' list of allocated ports
 DEFAULT_SOCKET = "/run/nftsync/nftsync.sock"
@@ -68,6 +70,7 @@ class DaemonConfig:
     stall_after: float = 10.0  # un-acked updates older than this -> health "degraded"
     config_file: str | None = None
     log_level: str = "info"  # the front-end's logging level (debug, info, warning, error)
+    log_format: str = "text"  # "text" (people, journald) or "json" (one object per line)
     # SCHED_RR priority of the event-loop thread (docs/daemon.md, "Real-time scheduling");
     # 0: SCHED_OTHER, like every other process. Applied at start only.
     realtime_priority: int = 0
@@ -109,7 +112,8 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 #: Top-level keys of the file, in the order they are validated (so a typo in `peers` is reported
 #: before a missing key file: the cheap, syntactic errors first).
 TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "metrics_listen", "peers",
-            "farms", "conntrack", "legacy_farms", "socket", "log_level", "realtime_priority",
+            "farms", "conntrack", "legacy_farms", "socket", "log_level", "log_format",
+            "realtime_priority",
             "key_file")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
@@ -257,6 +261,8 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         kw["socket"] = _socket_path(v)
     if (v := got("log_level")) is not None:
         kw["log_level"] = _choice(v, LOG_LEVELS, lower=True)
+    if (v := got("log_format")) is not None:
+        kw["log_format"] = _choice(v, LOG_FORMATS, lower=True)
     if (v := got("realtime_priority")) is not None:
         kw["realtime_priority"] = _realtime_priority(v)
     for key, (lo, hi) in TIMING_KEYS.items():

@@ -18,16 +18,13 @@ from nftsync import __version__
 from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
 
+from . import logformat
 from .config import DaemonConfig, load_config
 from .control import ControlServer
 from .notify import Notifier
 from .realtime import RealtimeScheduling
 
 log = logging.getLogger("nftsync.daemon")
-
-#: syslog priorities for the "<N>" prefix journald understands on stdout/stderr (sd-daemon(3)).
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-             logging.CRITICAL: 2}
 
 
 def serve(config: DaemonConfig, config_path: str | None, overrides: dict[str, Any]) -> int:
@@ -37,7 +34,7 @@ def serve(config: DaemonConfig, config_path: str | None, overrides: dict[str, An
     the kernel refuses it: a setting the operator asked for is honoured or the daemon does not
     start, as with every other unusable setting.
     """
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     # A stuck event loop is killed by systemd's watchdog with SIGABRT: the traceback of every
     # thread goes to the journal first, so the log says where the loop was stuck.
     faulthandler.enable()
@@ -70,23 +67,9 @@ def on_journal() -> bool:
     return value == f"{st.st_dev}:{st.st_ino}"
 
 
-class JournalFormatter(logging.Formatter):
-    """`<N>level: message`: journald takes the priority from <N> and adds its own timestamp."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = _PRIORITY.get(record.levelno, 6)
-        text = super().format(record)
-        # journald splits on newlines: give every line (e.g. of a traceback) the priority.
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
-
-
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if on_journal():
-        handler.setFormatter(JournalFormatter("%(levelname)s: %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(logformat.formatter(log_format, on_journal()))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -202,8 +185,8 @@ class _Runner:
             except NftsyncError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 return
-            if new.log_level != self.config.log_level:
-                logging.getLogger().setLevel(new.log_level.upper())
+            if (new.log_level, new.log_format) != (self.config.log_level, self.config.log_format):
+                setup_logging(new.log_level, new.log_format)
             self.config = new
             log.debug("configuration reloaded: %s", _changes(changed))  # the core logs it too
 

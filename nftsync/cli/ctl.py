@@ -173,10 +173,54 @@ def stats(as_json: bool) -> None:
 @json_option
 @handle_errors
 def resync(peer: str | None, as_json: bool) -> None:
-    """Ask for a full snapshot again, after a restore or when the state looks off."""
+    """Ask for a full snapshot again, after a restore or when the state looks off.
+
+    On a terminal (not with --json) it then follows the snapshots on one progress line
+    until each is in this node's kernel (^C stops watching, not the resync); scripts get
+    the answer at once.
+    """
     path, timeout = _obj()
     args = {"peer": peer} if peer else {}
-    emit(as_json, control.call(path, "resync", args, timeout), _done("resync requested"))
+    progress = Progress.for_cli(as_json)
+    before = _applied_by_peer(path, timeout) if progress.enabled else {}
+    result = control.call(path, "resync", args, timeout)
+    if progress.enabled and isinstance(result, dict):
+        names = [n for n in result.get("resync") or [] if n in before]
+        with progress:
+            _follow_resync(path, timeout, names, before, progress)
+    emit(as_json, result, _done("resync requested"))
+
+
+RESYNC_POLL_S = 0.2
+RESYNC_WATCH_S = 3600.0  # bound on watching (a 1M snapshot takes ~6-40 s)
+
+
+def _applied_by_peer(path: str, timeout: float) -> dict[str, int]:
+    rows = control.call(path, "peers", None, timeout)
+    return {r["name"]: int(r.get("snapshots_applied") or 0) for r in rows
+            if isinstance(r, dict) and "name" in r} if isinstance(rows, list) else {}
+
+
+def _follow_resync(path: str, timeout: float, names: list[str], before: dict[str, int],
+                   progress: Progress) -> None:
+    """Poll `peers` until every resynced peer has one more snapshot in our kernel."""
+    deadline = time.monotonic() + RESYNC_WATCH_S
+    while names and time.monotonic() < deadline:
+        rows = {r.get("name"): r for r in control.call(path, "peers", None, timeout)
+                if isinstance(r, dict)}
+        gone = [n for n in names if rows.get(n, {}).get("state") != "up"]
+        for n in gone:  # its connection ended: its next one starts with a snapshot anyway
+            names.remove(n)
+            progress.clear()
+            click.echo(f"peer {n} is no longer connected: not waiting for its snapshot",
+                       err=True)
+        done = sum(int(rows.get(n, {}).get("snapshots_applied") or 0) > before[n]
+                   for n in names)
+        if done == len(names):
+            return
+        entries = sum(int(rows.get(n, {}).get("snapshot_receiving") or 0) for n in names)
+        progress(f"resync, {done}/{len(names)} snapshots applied, entries received", entries)
+        time.sleep(RESYNC_POLL_S)
 
 
 @command.command("promote")

@@ -93,6 +93,7 @@ class LinkStats:
     frames_received: int = 0
     snapshots_sent: int = 0
     snapshots_received: int = 0
+    snapshots_applied: int = 0  # received ones whose kernel writes are all done
     resnapshots: int = 0  # snapshots caused by overflow, gaps or resync requests
     overflows: int = 0
     gaps: int = 0
@@ -188,6 +189,9 @@ class PeerLink:
             "lag_ms": {"p50": _pct(lag, 0.5), "p99": _pct(lag, 0.99), "last": lag[-1]
                        if lag else None} if lag else None,
             "snapshots_sent": s.snapshots_sent, "snapshots_received": s.snapshots_received,
+            "snapshots_applied": s.snapshots_applied,
+            # entries of the snapshot being received (None: none is): `ctl resync`'s progress
+            "snapshot_receiving": self.snap_count if self.snap_epoch is not None else None,
             "resnapshots": s.resnapshots, "overflows": s.overflows, "gaps": s.gaps,
             "auth_failures": s.auth_failures, "rejected": s.rejected,
             "connects": s.connects,
@@ -431,6 +435,7 @@ class PeerLink:
             log.info("peer %s: snapshot epoch %d applied: %d entries, %d written to the kernel, "
                      "%.1fs after it began", self.name, epoch, count, taken,
                      time.monotonic() - began)
+            self.stats.snapshots_applied += 1
             if self.on_applied is not None:
                 self.on_applied(self, node)
 

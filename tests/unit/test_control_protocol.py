@@ -484,6 +484,60 @@ def test_timeout_without_wait_ready_is_a_usage_error(served: Served) -> None:
     assert not served.daemon.calls
 
 
+class Resyncing(FakeDaemon):
+    """After `resync`, lb2's snapshot arrives over a few `peers` calls, then is applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = -1  # no resync asked yet
+
+    async def resync(self, peer: str | None = None) -> dict:
+        self.step = 0
+        return await super().resync(peer)
+
+    def peers(self) -> list[dict]:
+        rows = super().peers()[:1]
+        receiving, applied = None, 4
+        if self.step >= 0:
+            self.step += 1
+            if self.step < 4:
+                receiving = 50_000 * self.step
+            else:
+                applied = 5
+        rows[0].update(name="lb2", snapshots_applied=applied, snapshot_receiving=receiving)
+        return rows
+
+
+def test_resync_progress_on_a_terminal_only(sock_path: str) -> None:
+    import pty
+
+    daemon = Resyncing()
+    with Served(sock_path, daemon):
+        primary, secondary = pty.openpty()
+        try:
+            proc = subprocess.run([*NFTSYNC, "ctl", "--socket", sock_path, "resync"],
+                                  stdout=subprocess.PIPE, stderr=secondary, text=True,
+                                  timeout=60)
+            os.close(secondary)
+            secondary = -1
+            err = b""
+            with contextlib.suppress(OSError):  # EIO once the pty's other side is closed
+                while chunk := os.read(primary, 4096):
+                    err += chunk
+        finally:
+            os.close(primary)
+            if secondary >= 0:
+                os.close(secondary)
+        assert proc.returncode == 0 and "lb2" in proc.stdout
+        text = err.decode()
+        assert "resync, 0/1 snapshots applied, entries received: 50,000" in text, text
+        assert [c for c, _ in daemon.calls].count("peers") >= 5
+        daemon.calls.clear()
+        r = ctl(sock_path, "resync", "--json")  # a script: the answer at once, nothing else
+        assert r.returncode == 0 and r.stderr == ""
+        assert [c for c, _ in daemon.calls] == ["resync"]
+
+
 # --- logging --------------------------------------------------------------------------------
 
 LOG_SNIPPET = """

@@ -38,7 +38,8 @@ def command(ctx: click.Context, socket_path: str, timeout: float) -> None:
     \b
     Examples:
       nftsync ctl status                # health, role, peers up; exit 0 ok, 1 degraded,
-                                        # 2 failing, 3 no daemon (for keepalived/monitoring)
+                                        # starting or syncing, 2 failing, 3 no daemon
+      nftsync ctl status --wait-ready   # wait until it has its peers' state (after a start)
       nftsync ctl peers                 # per peer: state, entries sent/applied, lag, errors
       nftsync ctl stats --json
       nftsync ctl resync --peer lb2     # ask for a full snapshot again (all peers if none)

@@ -94,9 +94,13 @@ def list_(farm: str | None, prefix: str | None, backend: str | None, limit: int 
     expires, timeout; expires and timeout in seconds, null for static entries); if the
     listing fails part-way the array is left unterminated and the exit status is non-zero.
 
-    A listing of a map that changes meanwhile (new clients, expiries, deletes) is no
-    snapshot: the kernel's dump may then skip or repeat a few sessions. For one client, exact
-    at any time: nftsync sessions get CLIENT.
+    A --client prefix of at most 65536 addresses (a /16) on a map keyed by the address alone
+    is read by looking up each address, in address order: quick at any map size. Otherwise
+    the whole map is dumped (a 1M map: ~40 s, the kernel's walk) and filtered.
+
+    A dumped listing of a map that changes meanwhile (new clients, expiries, deletes) is no
+    snapshot: the kernel's dump may then skip or repeat a few sessions. Lookups are exact for
+    each address when it is asked; so is, for one client: nftsync sessions get CLIENT.
 
     On a terminal (not with --json) a progress line on stderr counts what has been read; rows
     are printed above it.

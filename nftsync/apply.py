@@ -99,11 +99,11 @@ class Plan:
     carried: dict[str, set[bytes]] = field(default_factory=dict)  # map_id -> keys (raw)
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items()
-             if k not in ("commands", "carried", "restores", "prunes", "tail")}
-        d["changes"] = [asdict(c) for c in self.changes]
-        d["drift"] = [x.as_dict() for x in self.drift]
-        return d
+        """The report (not the internals: `asdict` would deep-copy every carried key)."""
+        return {"path": self.path, "changes": [asdict(c) for c in self.changes],
+                "restored": self.restored, "dropped": self.dropped,
+                "drift": [x.as_dict() for x in self.drift], "farms": self.farms,
+                "changed": self.changed, "applied": self.applied}
 
 
 def check(path: str) -> Desired:

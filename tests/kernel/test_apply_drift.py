@@ -95,6 +95,7 @@ def test_drift_in_text_and_dry_run(lab):
 
     p = nftsync(lab, "lb1", "apply", str(FARM))
     assert p.returncode == 0
+    assert p.stderr == ""  # no progress line off a terminal
     assert "drift since the last apply (repaired):" in p.stdout
     assert "rule ip nftsync_web web: rule 6 missing: dnat to meta mark map @web_backends" \
         in p.stdout, p.stdout

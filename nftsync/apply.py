@@ -155,7 +155,8 @@ def apply(path: str, *, dry_run: bool = False, force: bool = False, nft: Nft | N
         return plan
     text = "\n".join(plan.commands + carry + plan.tail)
     del carry
-    report(f"committing {path} (one transaction)", 0, None)
+    report(f"committing {path} in one transaction, sessions carried",
+           sum(plan.restored.values()), None)
     nft.cmd(text, what=f"apply {path}")
     plan.applied = True
     _write_stamps(desired, digests, wanted)

@@ -186,14 +186,11 @@ if [[ -n "$FAILBACK" ]]; then
     T0=$(date +%s%N)
     start_daemon lb1 backup
     wait_peer lb1
-    want=$(count_sessions lb2)
-    got=0
-    for ((i = 0; i < 300; i++)); do
-        got=$(count_sessions lb1)
-        [[ "$want" =~ ^[0-9]+$ && "$got" == "$want" ]] && break
-        sleep 0.1
-    done
-    echo "lb1: $got of lb2's $want sessions back $((($(date +%s%N) - T0) / 1000000)) ms after its daemon started"
+    # Ready = past `syncing`: lb2's snapshot is in lb1's kernel (what to wait for before a failback).
+    "$PY" -m nftsync ctl --socket "$STATE/lb1.sock" status --wait-ready --timeout 30 >/dev/null ||
+        die "lb1: not ready after 30 s: $("$PY" -m nftsync ctl --socket "$STATE/lb1.sock" status)"
+    echo "lb1: ready (ctl status --wait-ready) $((($(date +%s%N) - T0) / 1000000)) ms after its daemon started:" \
+        "$(count_sessions lb1) of lb2's $(count_sessions lb2) sessions in its kernel"
     "$HERE/ha.sh" start lb1 >/dev/null
     echo "lb1: keepalived started, $("$HERE/ha.sh" owner) keeps the VIP (nopreempt)"
     T_EVENT=$(date +%s%N)

@@ -38,7 +38,7 @@ def test_failover_demo_keeps_every_client_and_the_stream_through_failover_and_fa
     assert re.search(r"arrived while lb1 was down, on the same backend after the failback: "
                      r"(\d+)/\1\b", out), out
     assert "held through both moves: ALIVE" in out, out
-    assert re.search(r"lb1: (\d+) of lb2's \1 sessions back", out), out
+    assert re.search(r"lb1: ready .*: (\d+) of lb2's \1 sessions in its kernel", out), out
     # Both daemons end healthy, lb1 serving again.
     tail = out[out.index("== the daemons at the end"):]
     assert tail.count("health    ok") == 2, tail

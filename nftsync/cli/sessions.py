@@ -44,7 +44,7 @@ def command() -> None:
 @json_option
 @handle_errors
 def get(client: str, farm: str | None, as_json: bool) -> None:
-    """Show CLIENT's session in the static and the timed map (the seed's `show table t key k`).
+    """Show CLIENT's session in the static and the timed map (as HAProxy's `show table T key K`).
 
     CLIENT is the whole key (10.10.1.7, or 10.10.1.7,40000 for a composite key); it is looked
     up in the kernel by that key alone, so it costs the same in a map of ten sessions or of a

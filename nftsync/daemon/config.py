@@ -538,39 +538,36 @@ def _peers(v: _Value) -> list[PeerConfig]:
 
 
 def _listen(v: _Value) -> tuple[str, int]:
-    text = _str(v)
-    if text.startswith(":") and text.count(":") == 1:
-        text = "0.0.0.0" + text  # ":7777" listens on every IPv4 address
-    try:
-        host, port = parse_endpoint(text)
-    except ValueError as exc:
-        raise _fail(v, f"{exc}; {_ENDPOINT_HELP}") from None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise _fail(v, f"{v.value!r}: the listen address must be an IP address (0.0.0.0 or :: "
-                    "for all), not a host name") from None
-    return host, port
+    return _local_endpoint(v, DEFAULT_PORT, _ENDPOINT_HELP, "the listen address")
 
 
 def _metrics_listen(v: _Value) -> tuple[str | None, int]:
     """`IP:PORT`, `[IPv6]:PORT`, `IP` (port 9477) or `:PORT`; "" turns the endpoint off (a flag
     can so override a file that turns it on)."""
-    text = _str(v).strip()
-    if not text:
+    if not _str(v).strip():
         return None, DEFAULT_METRICS_PORT
+    return _local_endpoint(
+        v, DEFAULT_METRICS_PORT, f"expected IP:PORT, [IPv6]:PORT or IP (default port "
+        f"{DEFAULT_METRICS_PORT}), e.g. \"127.0.0.1:{DEFAULT_METRICS_PORT}\"",
+        "the metrics address", "127.0.0.1 for this host only, ")
+
+
+def _local_endpoint(v: _Value, default_port: int, usage: str, what: str,
+                    hint: str = "") -> tuple[str, int]:
+    """An address of this host to listen on: an IP literal (never a name: what it resolves to
+    could change under a running daemon) and a port; `:PORT` means every IPv4 address."""
+    text = _str(v).strip()
     if text.startswith(":") and text.count(":") == 1:
         text = "0.0.0.0" + text
     try:
-        host, port = parse_endpoint(text, DEFAULT_METRICS_PORT)
+        host, port = parse_endpoint(text, default_port)
     except ValueError as exc:
-        raise _fail(v, f"{exc}; expected IP:PORT, [IPv6]:PORT or IP (default port "
-                    f"{DEFAULT_METRICS_PORT}), e.g. \"127.0.0.1:{DEFAULT_METRICS_PORT}\"") from None
+        raise _fail(v, f"{exc}; {usage}") from None
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise _fail(v, f"{v.value!r}: the metrics address must be an IP address (127.0.0.1 for "
-                    "this host only, 0.0.0.0 or :: for all), not a host name") from None
+        raise _fail(v, f"{v.value!r}: {what} must be an IP address ({hint}0.0.0.0 or :: for "
+                    "all), not a host name") from None
     return host, port
 
 

@@ -50,3 +50,34 @@ def entered(name: str) -> Iterator[None]:
 def run(name: str, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", name, *cmd], check=check, text=True,
                           capture_output=True, **kw)
+
+
+@contextlib.contextmanager
+def linked_pair(prefix: str, addr_a: str, addr_b: str,
+                ruleset: str | None = None) -> Iterator[dict[str, str]]:
+    """Namespaces "a" and "b" joined by a veth with addr_a/30 and addr_b/30 (no route out), each
+    with `ruleset` applied by nftsync when given; deleted afterwards, also when setting up fails.
+    """
+    import sys
+
+    tag = uuid.uuid4().hex[:6]
+    names = {side: f"{prefix}-{tag}-{side}" for side in ("a", "b")}
+    made: list[str] = []
+    try:
+        for name in names.values():
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        devs = {"a": f"{prefix}a{tag}", "b": f"{prefix}b{tag}"}
+        subprocess.run(["ip", "link", "add", devs["a"], "netns", names["a"], "type", "veth",
+                        "peer", "name", devs["b"], "netns", names["b"]], check=True)
+        for side, addr in (("a", addr_a), ("b", addr_b)):
+            subprocess.run(["ip", "-n", names[side], "addr", "add", f"{addr}/30", "dev",
+                            devs[side]], check=True)
+            subprocess.run(["ip", "-n", names[side], "link", "set", devs[side], "up"], check=True)
+            if ruleset:
+                run(names[side], sys.executable, "-m", "nftsync", "apply", ruleset)
+        yield names
+    finally:
+        for name in made:
+            delete(name)  # kills what still runs in it

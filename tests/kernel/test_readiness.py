@@ -125,27 +125,8 @@ class Notifications:
 
 @pytest.fixture
 def pair_ns() -> Iterator[dict[str, str]]:
-    tag = uuid.uuid4().hex[:6]
-    names = {side: f"rdy-{tag}-{side}" for side in ("a", "b")}
-    made = []
-    try:
-        for name in names.values():
-            subprocess.run(["ip", "netns", "add", name], check=True)
-            made.append(name)
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        va, vb = f"rdya{tag}", f"rdyb{tag}"
-        subprocess.run(["ip", "link", "add", va, "netns", names["a"], "type", "veth", "peer",
-                        "name", vb, "netns", names["b"]], check=True)
-        for side, dev in (("a", va), ("b", vb)):
-            subprocess.run(["ip", "-n", names[side], "addr", "add", f"{ADDR[side]}/30", "dev",
-                            dev], check=True)
-            subprocess.run(["ip", "-n", names[side], "link", "set", dev, "up"], check=True)
-            netns.run(names[side], sys.executable, "-m", "nftsync", "apply",
-                      str(RULESETS / "large.nft"))
+    with netns.linked_pair("rdy", ADDR["a"], ADDR["b"], str(RULESETS / "large.nft")) as names:
         yield names
-    finally:
-        for name in made:
-            netns.delete(name)
 
 
 def load_conntrack(ns: str, path: Path, n: int) -> None:

@@ -17,11 +17,9 @@ happened is only printed.
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,27 +70,8 @@ def kernel_map(ns: str) -> dict[str, int]:
 @pytest.fixture
 def pair_ns() -> Iterator[dict[str, str]]:
     """Namespaces a and b, a veth between them, rulesets/large.nft in both; deleted after."""
-    tag = uuid.uuid4().hex[:6]
-    names = {side: f"sur-{tag}-{side}" for side in ("a", "b")}
-    made = []
-    try:
-        for name in names.values():
-            subprocess.run(["ip", "netns", "add", name], check=True)
-            made.append(name)
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        va, vb = f"sura{tag}", f"surb{tag}"
-        subprocess.run(["ip", "link", "add", va, "netns", names["a"], "type", "veth", "peer",
-                        "name", vb, "netns", names["b"]], check=True)
-        for side, dev in (("a", va), ("b", vb)):
-            subprocess.run(["ip", "-n", names[side], "addr", "add", f"{ADDR[side]}/30", "dev",
-                            dev], check=True)
-            subprocess.run(["ip", "-n", names[side], "link", "set", dev, "up"], check=True)
-            netns.run(names[side], sys.executable, "-m", "nftsync", "apply",
-                      str(RULESETS / "large.nft"))
+    with netns.linked_pair("sur", ADDR["a"], ADDR["b"], str(RULESETS / "large.nft")) as names:
         yield names
-    finally:
-        for name in made:
-            netns.delete(name)  # kills what still runs in it (the daemons are stopped first)
 
 
 @pytest.fixture

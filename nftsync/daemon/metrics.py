@@ -364,8 +364,10 @@ class MetricsServer:
                         f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
                 writer.write(head.encode("ascii") + body)
                 await writer.drain()
-        except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            pass  # the client went away or was too slow: nothing to answer
+        except TimeoutError:
+            self.bad_requests += 1  # too slow to send its request (or to read the answer)
+        except (OSError, asyncio.IncompleteReadError):
+            log.debug("metrics: a client went away before its answer")
         finally:
             self._clients.discard(task)
             writer.close()

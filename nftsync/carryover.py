@@ -112,7 +112,7 @@ def _one_pass(out: MapRead, what: str, report: Report) -> int:
                     seen += 1
                 report(what, seen, None)
     except SetGone:
-        pass
+        return new  # no such map (any more): nothing (more) to carry, as read_map says
     return new
 
 

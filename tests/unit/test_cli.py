@@ -11,8 +11,17 @@ from nftsync.cli import main
 from nftsync.cli.common import SUBCOMMANDS
 
 
+def _runner() -> CliRunner:
+    """stdout and stderr apart: click 8.1 (Debian 12's python3-click, what the package runs on)
+    mixes them unless told not to; click >= 8.2 keeps them apart and has no such switch."""
+    try:
+        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
+    except TypeError:
+        return CliRunner()
+
+
 def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, list(args), prog_name="nftsync")
+    r = _runner().invoke(main, list(args), prog_name="nftsync")
     return r.exit_code, r.stdout, r.stderr
 
 

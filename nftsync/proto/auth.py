@@ -22,6 +22,7 @@ MIN_SECRET_CHARS = 32  # text secrets: at least this many printable characters
 MIN_HEX_CHARS = 64  # hex secrets: at least 32 bytes once decoded
 MIN_DISTINCT_CHARS = 8  # refuses placeholders such as "xxxxxxxx..." or "0000..."
 MAX_KEY_FILE = 4096
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 LABEL_TRANSCRIPT = b"nftsync/1 transcript"
 LABEL_PROOF_INITIATOR = b"nftsync/1 proof initiator"
@@ -54,8 +55,11 @@ class AuthError(ProtocolError):
 def parse_key_text(text: str) -> bytes:
     """Turn key-file text into the PSK bytes, or raise KeyFileError saying which rule failed.
 
-    Hex (all hex digits, even length >= 64) is decoded; anything else is used as UTF-8 text of
-    at least 32 printable characters. Both give >= 32 bytes that an HMAC key can use directly.
+    A secret made only of hex digits is hex: it must be an even number of at least 64 digits
+    (32 bytes once decoded) and is decoded. Anything else is used as UTF-8 text of at least 32
+    printable characters. Both give >= 32 bytes that an HMAC key can use directly. A short hex
+    secret is refused rather than taken as text: 32 hex digits read as text are 16 random bytes,
+    half of what the docs promise, and whoever wrote it meant hex.
     """
     secret = text.strip()
     if not secret:
@@ -65,8 +69,12 @@ def parse_key_text(text: str) -> bytes:
     if len(set(secret)) < MIN_DISTINCT_CHARS:
         raise KeyFileError(f"key uses fewer than {MIN_DISTINCT_CHARS} distinct characters; "
                            "generate one with: openssl rand -hex 32")
-    if len(secret) >= MIN_HEX_CHARS and len(secret) % 2 == 0 and all(
-            c in "0123456789abcdefABCDEF" for c in secret):
+    if all(c in _HEX_DIGITS for c in secret):
+        if len(secret) < MIN_HEX_CHARS or len(secret) % 2:
+            raise KeyFileError(f"key looks like hex but has {len(secret)} digits; a hex key "
+                               f"needs an even number of at least {MIN_HEX_CHARS} digits "
+                               f"({MIN_HEX_CHARS // 2} bytes); generate one with: "
+                               "openssl rand -hex 32")
         return bytes.fromhex(secret)
     if len(secret) < MIN_SECRET_CHARS:
         raise KeyFileError(f"key is {len(secret)} characters, at least {MIN_SECRET_CHARS} "

@@ -624,6 +624,29 @@ def test_key_file_bad_content(tmp_path: Path, text: str, match: str) -> None:
         load_key(_keyfile(tmp_path, text))
 
 
+@pytest.mark.parametrize("text", [
+    "0123456789abcdef" * 2,  # 32 hex digits: what `openssl rand -hex 16` makes
+    "0123456789ABCDEF" * 3 + "0123456789abcde",  # 63 digits
+    "0123456789abcdef" * 4 + "0",  # 65: an odd count is no byte string
+    "12345678901234567890123456789012",  # decimal digits are hex digits too
+])
+def test_key_file_short_or_odd_hex_is_refused_not_taken_as_text(tmp_path: Path,
+                                                                 text: str) -> None:
+    """docs/daemon.md "The key file": a secret of hex digits only is hex and needs 64 of them.
+    Read as text, 32 hex digits would be a 16-byte secret accepted as if it were 32."""
+    with pytest.raises(KeyFileError, match="looks like hex") as err:
+        load_key(_keyfile(tmp_path, text + "\n"))
+    assert f"has {len(text)} digits" in str(err.value)
+    assert "at least 64 digits (32 bytes)" in str(err.value)
+    assert "openssl rand -hex 32" in str(err.value)
+    assert str(err.value).startswith(f"key file {tmp_path / 'psk'}: ")
+
+
+def test_key_file_hex_of_more_than_64_digits_is_decoded(tmp_path: Path) -> None:
+    long_hex = HEX_KEY + "a1b2c3d4"
+    assert load_key(_keyfile(tmp_path, long_hex)) == bytes.fromhex(long_hex)
+
+
 def test_key_file_missing_or_not_regular(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="cannot open"):
         load_key(tmp_path / "nope")

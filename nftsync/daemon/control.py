@@ -47,6 +47,10 @@ CLIENT_IDLE = 60.0  # seconds a connection may sit without sending a request
 DEFAULT_TIMEOUT = 10.0
 MAX_SHOW_LIMIT = 100_000
 MAX_ARG_TEXT = 255
+#: Characters of one JSON number, in a request or an answer. A u64 has 20 digits and a float's
+#: repr at most 24; Python's int() of a few thousand digits raises (int_max_str_digits) or
+#: costs quadratic time, so longer numbers are refused before they are converted.
+MAX_NUMBER_TEXT = 40
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (SO_PEERCRED)
 
@@ -73,6 +77,8 @@ def _opt_text(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ARG_TEXT:
         raise ValueError(f"must be a string of 1..{MAX_ARG_TEXT} characters")
+    if not value.isprintable():  # it may end up in a log line: no newlines, no escapes
+        raise ValueError("must be printable text (no control characters)")
     return value
 
 
@@ -105,6 +111,52 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj).hex()
     return str(obj)
+
+
+class _BadJSON(ValueError):
+    """A JSON value that parses but is refused: an over-long number, NaN/Infinity, a duplicate
+    key (whose meaning would depend on which copy the reader keeps)."""
+
+
+def _number_text(text: str) -> str:
+    if len(text) > MAX_NUMBER_TEXT:
+        raise _BadJSON(f"a number longer than {MAX_NUMBER_TEXT} characters")
+    return text
+
+
+def _parse_int(text: str) -> int:
+    return int(_number_text(text))
+
+
+def _parse_float(text: str) -> float:
+    value = float(_number_text(text))
+    if value in (float("inf"), float("-inf")):  # 1e999: out of a double's range
+        raise _BadJSON(f"the number {text} is out of range")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise _BadJSON(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadJSON(f"the key {key[:64]!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def loads(data: bytes, *, constants: bool = False) -> Any:
+    """json.loads for untrusted lines (requests, and answers read by `ctl`): numbers are
+    bounded before they are converted, duplicate keys are refused, and so are NaN/Infinity
+    unless `constants` (an answer: a daemon's statistic may be NaN, which json.dumps writes).
+    Raises ValueError (with the reason) or RecursionError (nesting beyond the interpreter's
+    bound)."""
+    return json.loads(data, parse_int=_parse_int, parse_float=_parse_float,
+                      parse_constant=float if constants else _parse_constant,
+                      object_pairs_hook=_unique_keys)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -273,10 +325,21 @@ class ControlServer:
                 return
 
     async def handle(self, line: bytes) -> dict[str, Any]:
-        """One request line -> one response object. Never raises for anything a client sends."""
+        """One request line -> one response object. Never raises for anything a client sends:
+        whatever escapes the checks below is a bug, logged with its traceback and answered."""
         try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return await self._handle(line)
+        except Exception as exc:
+            log.exception("control request could not be handled")
+            return error_response(f"internal error: {type(exc).__name__} (details in the "
+                                  "daemon's log)")
+
+    async def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = loads(line)
+        except _BadJSON as exc:
+            return error_response(f"malformed request: {exc}")
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError are ValueError
             return error_response('malformed request: expected one JSON object per line, '
                                   'e.g. {"cmd": "status", "args": {}}')
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -377,9 +440,10 @@ def decode_response(line: bytes, path: str) -> Any:
         raise ControlError(f"the daemon on {path} closed the connection without answering "
                            "(see its log: journalctl -u nftsync)")
     try:
-        response = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ControlError(f"the daemon on {path} sent a malformed response") from None
+        response = loads(line, constants=True)
+    except (ValueError, RecursionError) as exc:
+        why = f": {exc}" if isinstance(exc, _BadJSON) else ""
+        raise ControlError(f"the daemon on {path} sent a malformed response{why}") from None
     if not isinstance(response, dict) or not isinstance(response.get("ok"), bool):
         raise ControlError(f"the daemon on {path} sent a malformed response")
     if not response["ok"]:

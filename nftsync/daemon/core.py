@@ -279,6 +279,7 @@ class Daemon:
         return {
             "counters": counters,
             "refused": dict(self.replica.refused),  # peer records refused, by cause
+            "inbound": self.links.gate.stats(),  # connections before the key: refused, by cause
             "capped_expiry": self.replica.capped,
             "sessions": {m: len(t) for m, t in self.replica.sessions.items()},
             "conntrack": len(self.replica.conntrack),

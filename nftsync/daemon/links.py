@@ -27,6 +27,7 @@ from nftsync.proto import (
 )
 
 from .config import DaemonConfig
+from .gate import Gate, GatedListener, Ticket
 from .peer import PeerLink, Replicator, record_key
 
 log = logging.getLogger("nftsync.daemon")
@@ -47,7 +48,9 @@ class Links:
         # Node id -> when a snapshot of that peer was last in our kernel (its first one since
         # the start ends our wait for it: the `syncing` health, docs/daemon.md "Health").
         self.synced: dict[int, float] = {}
-        self._server: asyncio.base_events.Server | None = None
+        # Inbound connections until they prove the key: caps, deadline, fd budget, counts.
+        self.gate = Gate()
+        self._listener: GatedListener | None = None
 
     def all(self) -> list[PeerLink]:
         return [*self.dialled.values(), *self.inbound]
@@ -99,9 +102,11 @@ class Links:
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        self.gate.set_peers(p.host for p in cfg.peers)
         try:
-            self._server = await asyncio.start_server(self._accept, cfg.listen_host,
-                                                      cfg.listen_port)
+            self._listener = GatedListener(self.gate, cfg.listen_host, cfg.listen_port,
+                                           self._accept)
+            self._listener.start()
         except OSError as exc:
             raise NftsyncError(f"cannot listen on "
                                f"{format_endpoint(cfg.listen_host, cfg.listen_port)}: "
@@ -110,8 +115,8 @@ class Links:
             self.add_dialer(str(peer), peer.host, peer.port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         dialers = []
         for link in self.all():
             link.close("stopping", RefuseReason.SHUTDOWN)
@@ -123,6 +128,7 @@ class Links:
     def set_peers(self, config: DaemonConfig) -> tuple[list[str], list[str]]:
         """A reload: dial the peers that were added, drop those that were removed."""
         self.config = config
+        self.gate.set_peers(p.host for p in config.peers)
         old = set(self.dialled)
         new = {str(p): p for p in config.peers}
         for name in old - set(new):
@@ -202,20 +208,22 @@ class Links:
             async with asyncio.timeout(seconds):
                 await self.stop.wait()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      ticket: Ticket) -> None:
+        """An inbound connection the gate admitted (daemon/gate.py): everything before the key
+        is proved runs within the gate's deadline, and a failure is one line (rate-bounded)."""
         peername = writer.get_extra_info("peername")
         try:
-            ch = await Channel.accept(reader, writer, self.identity, self.config.key,
-                                      timeout=max(2.0, self.config.peer_timeout))
-        except AuthError as exc:
-            self.auth_failures += 1
-            log.error("connection from %s refused: %s", format_endpoint(peername), exc)
+            async with asyncio.timeout(self.gate.deadline):
+                ch = await Channel.accept(reader, writer, self.identity, self.config.key,
+                                          timeout=self.gate.deadline)
+        except (AuthError, ConnectionClosed, ProtocolError, OSError) as exc:
+            writer.close()  # after the REFUSE the handshake sent, if any
+            if isinstance(exc, (AuthError, TimeoutError)):
+                self.auth_failures += 1
+            self.gate.failed(ticket, exc)
             return
-        except (ConnectionClosed, ProtocolError, OSError) as exc:
-            # The channel logged it already, with the address (it logs every handshake failure
-            # but an AuthError, which is ours to log).
-            log.debug("connection from %s failed: %s", format_endpoint(peername), exc)
-            return
+        self.gate.passed(ticket)
         link = next((lk for lk in self.all() if lk.node_id == ch.peer.node_id), None)
         if link is not None and self._duplicate(ch, link):
             await ch.refuse(RefuseReason.DUPLICATE_PEER)

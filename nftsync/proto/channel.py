@@ -313,8 +313,11 @@ class Channel:
                          initiator: bool) -> Channel:
         hs = _Handshake(reader, writer, identity, key, initiator)
         where = format_endpoint(_peername(writer))
-        # A failed handshake is logged once: an AuthError (a timeout is one) by the caller, who
-        # counts it and knows the peer's name; what else breaks the handshake here.
+        # A failed handshake is logged once, by the caller when it can: an inbound one by the
+        # daemon's gate (rate-bounded: a flood of strangers must not flood the log), an
+        # AuthError of a dial (a timeout is one) by the dialler, who knows the peer's name;
+        # what else breaks a dial's handshake, here.
+        level = logging.WARNING if initiator else logging.DEBUG
         try:
             async with asyncio.timeout(timeout):
                 channel = await hs.run()
@@ -329,11 +332,11 @@ class Channel:
             raise
         except (ProtocolError, ConnectionClosed) as exc:
             writer.close()
-            log.warning("peer %s: handshake failed: %s", where, exc)
+            log.log(level, "peer %s: handshake failed: %s", where, exc)
             raise
         except (ConnectionError, ssl.SSLError) as exc:
             writer.close()
-            log.warning("peer %s: handshake failed: %s", where, exc)
+            log.log(level, "peer %s: handshake failed: %s", where, exc)
             raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
         log.info("peer %s: authenticated as node %d (%s), protocol v%d", where,
                  channel.peer.node_id, channel.peer.node_name, channel.version)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nftsync.errors import RulesetError
+from nftsync.files import FileRefused, read_regular
 from nftsync.model import (
     BackendState,
     Farm,
@@ -26,9 +27,13 @@ from nftsync.model import (
     parse_comment,
 )
 from nftsync.nft import Nft, first_error
+from nftsync.nftinclude import read_sources
 
 TableId = tuple[str, str]  # (family, table name)
 ObjectId = tuple[str, str]  # (kind, name), kind in chain/set/map/flowtable/counter/...
+
+#: The farm file and every file it includes, together (nftsync.nftinclude): a farm is a few KiB.
+MAX_RULESET_BYTES = 4 * 1024 * 1024
 
 _OBJECT_KINDS = ("chain", "set", "map", "flowtable", "counter", "quota", "limit", "secmark",
                  "synproxy", "ct helper", "ct timeout", "ct expectation")
@@ -97,23 +102,16 @@ class Desired:
 
 def evaluate_file(path: str) -> Desired:
     """Check the file in the real kernel (dry run), then evaluate it in an empty namespace."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise RulesetError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise RulesetError(f"{path}: not a regular file")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read(4 * 1024 * 1024 + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RulesetError(f"{path}: cannot read: {exc}") from None
-    if len(source) > 4 * 1024 * 1024:
-        raise RulesetError(f"{path}: larger than 4 MiB; a farm file should not be")
-    for number, line in enumerate(source.splitlines(), 1):
-        stripped = line.split("#", 1)[0].split()
-        if stripped[:2] == ["flush", "ruleset"] or stripped[:1] == ["destroy"]:
-            raise RulesetError(
-                f"{path}:{number}: '{' '.join(stripped[:2])}' would drop every live session; "
-                "nftsync replaces the file's tables itself, so remove that line")
+    # The file and all it includes, bounded together and never a FIFO (nftsync.nftinclude).
+    for src in read_sources(path, MAX_RULESET_BYTES):
+        for number, line in enumerate(src.text.splitlines(), 1):
+            stripped = line.split("#", 1)[0].split()
+            if stripped[:2] == ["flush", "ruleset"] or stripped[:1] == ["destroy"]:
+                raise RulesetError(
+                    f"{src.path}:{number}: '{' '.join(stripped[:2])}' would drop every live "
+                    "session; nftsync replaces the file's tables itself, so remove that line")
     Nft().check_file(path)
     proc = subprocess.run(
         ["unshare", "--net", sys.executable, "-m", "nftsync.isolated", os.path.abspath(path)],
@@ -305,9 +303,8 @@ def line_of_long_time(path: str, family: str, table: str, name: str,
     (line, the words as written, e.g. "timeout 60d"); else (the line declaring the map, None);
     None if the file does not declare the map itself."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read()
-    except (OSError, UnicodeDecodeError):
+        source = read_regular(path, "ruleset file", MAX_RULESET_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError, FileRefused):
         return None
     block = map_declaration_lines(source, family, table, name)
     if block is None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from nftsync.endpoint import format_endpoint
 from nftsync.errors import NftsyncError
+from nftsync.files import FileRefused, open_regular
 from nftsync.proto.auth import KeyFileError, load_key
 
 from .logformat import LOG_FORMATS
@@ -179,16 +180,17 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Da
 def _read_file(path: str) -> dict[str, _Value]:
     p = Path(path)
     try:
-        with open(p, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"config file {p} is not a regular file")
+        fd = open_regular(p, "config file")  # a FIFO must not hang the start (issue 13)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
             # Whoever can write the file chooses the peers and the key file: like the key
             # itself, it must not be writable by group or others.
             if st.st_mode & 0o022:
                 raise ConfigError(f"config file {p} has mode {stat.S_IMODE(st.st_mode):04o}: "
                                   f"group/others must not be able to write it (chmod go-w {p})")
             raw = f.read(MAX_CONFIG_FILE + 1)
+    except FileRefused as exc:
+        raise ConfigError(str(exc)) from None
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
     except OSError as exc:

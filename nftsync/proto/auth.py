@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from nftsync.errors import NftsyncError
+from nftsync.files import OPEN_FLAGS, file_kind
 from nftsync.proto.frames import RefuseReason
 from nftsync.proto.wire import ProtocolError
 
@@ -91,13 +92,13 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
     """
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(p, OPEN_FLAGS)  # O_NONBLOCK: a FIFO must not hang the start (issue 13)
     except OSError as exc:
         raise KeyFileError(f"cannot open key file {p}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {p} is not a regular file")
+            raise KeyFileError(f"key file {p} is {file_kind(st.st_mode)}, not a regular file")
         if st.st_mode & 0o077:
             raise KeyFileError(f"key file {p} has mode {stat.S_IMODE(st.st_mode):04o}, which is "
                                f"too open: group/others must have no access (chmod 600 {p})")

@@ -324,7 +324,7 @@ def test_config_file_must_not_be_writable_by_others(tmp_path: Path, key: Path) -
                                f"able to write it (chmod go-w {path})")
     path.chmod(0o644)
     assert load_config(str(path), {}).key == bytes.fromhex(HEX_KEY)
-    with pytest.raises(ConfigError, match="^cannot read config file .*: Is a directory$"):
+    with pytest.raises(ConfigError, match="^config file .* is a directory, not a regular file$"):
         load_config(str(tmp_path), {})
 
 

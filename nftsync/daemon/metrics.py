@@ -121,6 +121,7 @@ def render(d: Daemon, ct_by_mark: dict[int, int]) -> str:
     _peers(x, d, now)
     _kernel(x, d)
     _counters(x, d)
+    _inbound(x, d)
     x.metric("nftsync_peer_records_refused_total", "counter", "Records from peers refused by "
              "the replica's checks, by cause (docs/protocol.md, \"Replication semantics\").",
              [({"cause": c}, n) for c, n in sorted(replica.refused.items())])
@@ -284,6 +285,24 @@ def _counters(x: Exposition, d: Daemon) -> None:
              [(None, d.replica.ct_mark_conflicts)])
 
 
+def _inbound(x: Exposition, d: Daemon) -> None:
+    """The gate of inbound connections before they prove the key (`inbound` of `ctl stats`)."""
+    s = d.links.gate.stats()
+    x.metric("nftsync_inbound_refused_total", "counter", "Inbound sync connections refused "
+             "before or during the handshake, by cause (docs/daemon.md, \"Exposure to "
+             "strangers\").", [({"cause": c}, n) for c, n in s["refused"].items()])
+    x.metric("nftsync_inbound_authenticated_total", "counter", "Inbound sync connections that "
+             "proved the key.", [(None, s["authenticated"])])
+    x.metric("nftsync_inbound_unauthenticated", "gauge", "Inbound sync connections in their "
+             "handshake now.", [(None, s["unauthenticated"])])
+    fds = s["fds"]
+    x.metric("nftsync_open_fds", "gauge", "File descriptors open (listed at most once a "
+             "second, plus admissions since).", [(None, fds["open"])])
+    x.metric("nftsync_fd_limit", "gauge", "The descriptor limit the gate counts against: "
+             "min(RLIMIT_NOFILE soft limit, 1024); inbound connections are refused within "
+             "`reserve` of it.", [(None, fds["limit"])])
+
+
 def _loop(x: Exposition, d: Daemon) -> None:
     w = d.loop_watch
     hist = Histogram(b / 1000 for b in BUCKETS_MS)  # the watch's own buckets, in seconds
@@ -352,7 +371,10 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._clients) >= MAX_CLIENTS or task is None:
+        # Over MAX_CLIENTS, or too few descriptors left for the control socket and the kernel's
+        # sockets (the gate's reserve, docs/daemon.md "Exposure to strangers"): closed at once.
+        if len(self._clients) >= MAX_CLIENTS or task is None or \
+                not self.daemon.links.gate.fds.room():
             writer.close()
             return
         self._clients.add(task)

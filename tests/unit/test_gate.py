@@ -341,3 +341,29 @@ def test_wrong_key_strangers_are_counted_as_auth_failures():
     stats = asyncio.run(asyncio.wait_for(main(), BOUND))
     assert stats["refused"]["auth"] == 3 and stats["unauthenticated"] == 0
     assert stats["limits"]["handshake_deadline_s"] == gate_mod.HANDSHAKE_DEADLINE_S
+
+
+def test_ctl_stats_and_the_metrics_say_the_same_counts():
+    from test_metrics import daemon, parse, value
+
+    from nftsync.daemon.metrics import render
+
+    d = daemon()
+    g = d.links.gate
+    g.fds = FdBudget(reserve=0, limit=1 << 20)
+    g.per_source = 1
+    g.admit("10.0.0.9", 1)
+    for i in range(3):
+        g.admit("10.0.0.9", 2 + i)
+    t = g.admit("10.0.0.8", 1)
+    g.failed(t, ProtocolError("bad magic"))
+    stats = d.stats()["inbound"]
+    assert stats["refused"]["source_cap"] == 3 and stats["refused"]["malformed"] == 1
+    assert stats["unauthenticated"] == 1
+    s = parse(render(d, {}))
+    for cause in CAUSES:
+        assert value(s, "nftsync_inbound_refused_total", cause=cause) == stats["refused"][cause]
+    assert value(s, "nftsync_inbound_unauthenticated") == 1
+    assert value(s, "nftsync_inbound_authenticated_total") == 0
+    assert value(s, "nftsync_fd_limit") == stats["fds"]["limit"]
+    assert value(s, "nftsync_open_fds") > 0

@@ -32,6 +32,12 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
               help="A peer load balancer (repeat for a mesh); port 7777 if left out.")
 @click.option("--key-file", metavar="FILE",
               help="The cluster's pre-shared key (mode 0600, the same file on every node).")
+@click.option("--tls-cert", metavar="FILE",
+              help="This node's certificate (PEM, signed by --tls-ca, naming its sync IP): "
+              "mutual TLS 1.3 on the sync link, with --tls-key and --tls-ca (default: off).")
+@click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert (mode 0600).")
+@click.option("--tls-ca", metavar="FILE",
+              help="The cluster's CA certificate: peers must present a certificate it signed.")
 @click.option("--role", metavar="active|backup",
               help="active: this node serves the VIP now; backup: it stands by (default).")
 @click.option("--socket", metavar="PATH", help="Control socket for `nftsync ctl` "
@@ -58,7 +64,8 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 @handle_errors
 def command(config_path: str | None, listen: str | None, metrics_listen: str | None,
             peers: tuple[str, ...],
-            key_file: str | None, role: str | None, socket: str | None, node_id: int | None,
+            key_file: str | None, tls_cert: str | None, tls_key: str | None,
+            tls_ca: str | None, role: str | None, socket: str | None, node_id: int | None,
             node_name: str | None, cluster: str | None, farms: tuple[str, ...],
             conntrack: bool | None, legacy_farms: tuple[str, ...], log_level: str | None,
             log_format: str | None, check: bool, as_json: bool) -> None:
@@ -91,6 +98,7 @@ def command(config_path: str | None, listen: str | None, metrics_listen: str | N
         "farms": list(farms), "conntrack": conntrack, "log_level": log_level,
         "log_format": log_format,
         "legacy_farms": list(legacy_farms), "metrics_listen": metrics_listen,
+        "tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca,
     }
     config = load_config(config_path, overrides)
     if check:
@@ -112,7 +120,9 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "metrics_listen": format_endpoint(config.metrics_host, config.metrics_port)
         if config.metrics_host is not None else "off",
         "peers": [str(p) for p in config.peers], "key_file": config.key_file,
-        "key_bytes": len(config.key), "farms": config.farms, "conntrack": config.conntrack,
+        "key_bytes": len(config.key),
+        "tls": config.tls.describe() if config.tls is not None else "off",
+        "farms": config.farms, "conntrack": config.conntrack,
         "legacy_farms": config.legacy_farms, "socket": config.socket, "log_level": config.log_level,
         "log_format": config.log_format,
         "timing": {k: getattr(config, k) for k in ("heartbeat_interval", "peer_timeout",

@@ -24,6 +24,8 @@ from nftsync.files import FileRefused, open_regular
 from nftsync.proto.auth import KeyFileError, load_key
 
 from .logformat import LOG_FORMATS
+from .tls import KEYS as TLS_KEYS
+from .tls import TlsError, TlsSettings, load_tls
 
 DEFAULT_PORT = 7777
 DEFAULT_METRICS_PORT = 9477  # docs/metrics.md; not in Prometheus' list of allocated ports
@@ -79,6 +81,9 @@ class DaemonConfig:
     # only, like `listen`.
     metrics_host: str | None = None
     metrics_port: int = DEFAULT_METRICS_PORT
+    # Mutual TLS on the sync link (tls_cert, tls_key, tls_ca; docs/daemon.md "TLS on the sync
+    # link"): the files checked and both contexts built at load time. None: plain TCP.
+    tls: TlsSettings | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 #: before a missing key file: the cheap, syntactic errors first).
 TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "metrics_listen", "peers",
             "farms", "conntrack", "legacy_farms", "socket", "log_level", "log_format",
-            "realtime_priority",
+            "realtime_priority", *TLS_KEYS,
             "key_file")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
@@ -291,7 +296,25 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
     except KeyFileError as exc:
         raise ConfigError(f"{key_value.where}: {exc}") from None
     kw["key_file"] = key_file
+    kw["tls"] = _tls(values, kw.get("listen_host"))
     return DaemonConfig(**kw)
+
+
+def _tls(values: dict[str, _Value], listen_host: str | None) -> TlsSettings | None:
+    """tls_cert, tls_key and tls_ca: all three or none. Loaded here, contexts and all, so a bad
+    certificate, key or CA is one line at `--check`, start-up or reload, never a refusal later."""
+    given = {k: values[k] for k in TLS_KEYS if k in values}
+    if not given:
+        return None
+    if len(given) < len(TLS_KEYS):
+        missing = [k for k in TLS_KEYS if k not in given]
+        raise ConfigError(f"{next(iter(given.values())).where}: TLS needs all three of "
+                          f"{', '.join(TLS_KEYS)}; missing {', '.join(missing)}")
+    paths = {k: _path(v) for k, v in given.items()}
+    try:
+        return load_tls(paths["tls_cert"], paths["tls_key"], paths["tls_ca"], listen_host)
+    except TlsError as exc:
+        raise ConfigError(f"{given[exc.key].where}: {exc}") from None
 
 
 def _fail(v: _Value, problem: str) -> ConfigError:

@@ -25,11 +25,17 @@ MIN_DISTINCT_CHARS = 8  # refuses placeholders such as "xxxxxxxx..." or "0000...
 MAX_KEY_FILE = 4096
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
-LABEL_TRANSCRIPT = b"nftsync/1 transcript"
-LABEL_PROOF_INITIATOR = b"nftsync/1 proof initiator"
-LABEL_PROOF_RESPONDER = b"nftsync/1 proof responder"
-LABEL_KEY_I2R = b"nftsync/1 key initiator->responder"
-LABEL_KEY_R2I = b"nftsync/1 key responder->initiator"
+# Labels of protocol version 2 (docs/protocol.md "Key derivation"). v1's ("nftsync/1 ...") put
+# no cluster name in any key: the cluster was compared in cleartext HELLOs instead.
+LABEL_EXTRACT = b"nftsync/2 psk"
+LABEL_CLUSTER_KEY = b"nftsync/2 cluster "  # followed by the cluster name
+LABEL_CHECK_KEY = b"nftsync/2 key check"
+LABEL_TRANSCRIPT = b"nftsync/2 transcript"
+LABEL_PROOF_INITIATOR = b"nftsync/2 proof initiator"
+LABEL_PROOF_RESPONDER = b"nftsync/2 proof responder"
+LABEL_PROOF_KEY_CHECK = b"nftsync/2 proof key check"
+LABEL_KEY_I2R = b"nftsync/2 key initiator->responder"
+LABEL_KEY_R2I = b"nftsync/2 key responder->initiator"
 
 _LEN = struct.Struct(">I")
 
@@ -43,14 +49,19 @@ class KeyFileError(NftsyncError):
 class AuthError(ProtocolError):
     """The handshake failed: wrong key, wrong cluster, version, same node id, or refused by peer.
 
-    `reason` is a RefuseReason code; `remote` is True when the peer refused us (a REFUSE frame).
+    `reason` is a RefuseReason code saying what really failed, for our log and counters;
+    `remote` is True when the peer refused us (a REFUSE frame). What the peer is told may be
+    less: a wrong cluster name (WRONG_CLUSTER here) is refused as AUTH_FAILED, like a wrong key,
+    so that an outsider cannot test guesses of the cluster name. `refuse_text`, if set, replaces
+    the fixed text of the REFUSE we send (only for facts that are not secret, e.g. versions).
     """
 
     def __init__(self, message: str, reason: int = RefuseReason.AUTH_FAILED,
-                 remote: bool = False) -> None:
+                 remote: bool = False, refuse_text: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.remote = remote
+        self.refuse_text = refuse_text
 
 
 def parse_key_text(text: str) -> bytes:
@@ -122,11 +133,46 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
         raise KeyFileError(f"key file {p}: {exc}") from None
 
 
+def _expand(prk: bytes, info: bytes) -> bytes:
+    """HKDF-Expand (RFC 5869) for one 32-byte block: HMAC-SHA256(prk, info | 0x01)."""
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+
+def _psk_prk(psk: bytes) -> bytes:
+    """HKDF-Extract of the PSK with a fixed salt: a text key becomes a uniform 32-byte PRK."""
+    return hmac.new(LABEL_EXTRACT, psk, hashlib.sha256).digest()
+
+
+def cluster_key(psk: bytes, cluster: str) -> bytes:
+    """The key that proofs and session keys of `cluster` derive from: HKDF(PSK, cluster name).
+
+    Binding the cluster name into the key, instead of comparing names in cleartext, makes a
+    wrong cluster fail the proof exactly like a wrong key: nobody learns or can confirm the
+    name without holding the PSK.
+    """
+    return _expand(_psk_prk(psk), LABEL_CLUSTER_KEY + cluster.encode("utf-8"))
+
+
+def check_key(psk: bytes) -> bytes:
+    """A key from the PSK alone, for the initiator's second proof: it lets a responder whose
+    proof check failed tell "right key, wrong cluster" from "wrong key" in its own log."""
+    return _expand(_psk_prk(psk), LABEL_CHECK_KEY)
+
+
+def key_check_proof(check: bytes, transcript: bytes) -> bytes:
+    """The initiator's second proof, keyed with `check_key(psk)` (no cluster name in it)."""
+    return hmac.new(check, LABEL_PROOF_KEY_CHECK + transcript, hashlib.sha256).digest()
+
+
+def check_key_check_proof(check: bytes, transcript: bytes, received: bytes) -> bool:
+    return hmac.compare_digest(key_check_proof(check, transcript), received)
+
+
 def transcript_hash(initiator_hello: bytes, responder_hello: bytes) -> bytes:
     """Hash of both HELLO frames exactly as sent (header + payload), initiator's first.
 
-    The HELLOs carry versions, cluster, node ids, names, nonces and capabilities, so everything
-    derived from this hash is bound to all of them and to who initiated.
+    The HELLOs carry versions, nonces and capabilities, so everything derived from this hash
+    is bound to all of them and to who initiated.
     """
     h = hashlib.sha256(LABEL_TRANSCRIPT)
     for frame in (initiator_hello, responder_hello):
@@ -135,25 +181,27 @@ def transcript_hash(initiator_hello: bytes, responder_hello: bytes) -> bytes:
     return h.digest()
 
 
-def proof(psk: bytes, transcript: bytes, initiator: bool) -> bytes:
-    """AUTH proof of the initiator or the responder. Different labels defeat reflection."""
+def proof(ckey: bytes, transcript: bytes, initiator: bool) -> bytes:
+    """AUTH proof of the initiator or the responder, keyed with `cluster_key()`. Different
+    labels defeat reflection."""
     label = LABEL_PROOF_INITIATOR if initiator else LABEL_PROOF_RESPONDER
-    return hmac.new(psk, label + transcript, hashlib.sha256).digest()
+    return hmac.new(ckey, label + transcript, hashlib.sha256).digest()
 
 
-def check_proof(psk: bytes, transcript: bytes, initiator: bool, received: bytes) -> bool:
+def check_proof(ckey: bytes, transcript: bytes, initiator: bool, received: bytes) -> bool:
     """Constant-time comparison of a received proof with the expected one."""
-    return hmac.compare_digest(proof(psk, transcript, initiator), received)
+    return hmac.compare_digest(proof(ckey, transcript, initiator), received)
 
 
-def session_keys(psk: bytes, nonce_i: bytes, nonce_r: bytes,
+def session_keys(ckey: bytes, nonce_i: bytes, nonce_r: bytes,
                  transcript: bytes) -> tuple[bytes, bytes]:
-    """(initiator->responder key, responder->initiator key) via HKDF-SHA256.
+    """(initiator->responder key, responder->initiator key) via HKDF-SHA256 from the cluster
+    key `ckey` (`cluster_key()`).
 
     Extract with both nonces as salt so every connection gets fresh keys even with one PSK;
     expand once per direction so a frame cannot be reflected back to its sender.
     """
-    prk = hmac.new(nonce_i + nonce_r, psk, hashlib.sha256).digest()
+    prk = hmac.new(nonce_i + nonce_r, ckey, hashlib.sha256).digest()
     k_i2r = hmac.new(prk, LABEL_KEY_I2R + transcript + b"\x01", hashlib.sha256).digest()
     k_r2i = hmac.new(prk, LABEL_KEY_R2I + transcript + b"\x01", hashlib.sha256).digest()
     return k_i2r, k_r2i

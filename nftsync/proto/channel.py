@@ -19,6 +19,8 @@ from nftsync.proto import auth
 from nftsync.proto.auth import AuthError
 from nftsync.proto.frames import (
     CAP_DEFAULT,
+    HELLO_NO_NAME,
+    HELLO_NO_NODE_ID,
     MESSAGE_CLASSES,
     Auth,
     AuthOk,
@@ -69,7 +71,8 @@ class PeerRefused(ConnectionClosed):  # noqa: N818 - an event, like ConnectionCl
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who we are in the cluster; sent in HELLO. node_id must be unique per cluster, non-zero."""
+    """Who we are in the cluster. The cluster name is bound into the handshake's keys; node id
+    and name are told in AUTH_OK, to a peer that proved the key. node_id: unique, non-zero."""
 
     cluster: str
     node_id: int
@@ -88,7 +91,8 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class PeerInfo:
-    """The authenticated peer: what it said in its HELLO plus what we negotiated."""
+    """The authenticated peer: its cluster (ours: its proof was keyed with it), node id and name
+    from its AUTH_OK, capabilities from its HELLO, and what we negotiated."""
 
     cluster: str
     node_id: int
@@ -117,36 +121,49 @@ async def _read_exact(reader: asyncio.StreamReader, n: int, frame_start: bool) -
         raise ConnectionClosed(f"connection lost: {exc}") from None
 
 
-def _negotiate(mine: Identity, hello: Hello) -> int:
-    """Check the peer's HELLO against ours; return the version to speak or raise AuthError."""
+def _negotiate(hello: Hello) -> int:
+    """The version to speak with the peer whose HELLO this is, or AuthError(BAD_VERSION).
+
+    A HELLO holds nothing else to check: cluster and node id are checked after the proofs.
+    """
+    theirs = f"{hello.version_min}..{hello.version_max}"
+    ours = f"{VERSION_MIN}..{VERSION_MAX}"
     if hello.version_min > hello.version_max:
-        raise AuthError("peer advertised an empty version range", RefuseReason.BAD_VERSION)
+        raise AuthError(f"peer advertised an empty protocol version range {theirs}",
+                        RefuseReason.BAD_VERSION)
     common = min(VERSION_MAX, hello.version_max)
     if common < max(VERSION_MIN, hello.version_min):
-        raise AuthError(f"no common protocol version: we speak {VERSION_MIN}..{VERSION_MAX}, "
-                        f"peer {hello.version_min}..{hello.version_max}",
-                        RefuseReason.BAD_VERSION)
-    if hello.cluster != mine.cluster:
-        raise AuthError(f"peer is in cluster {hello.cluster!r}, we are in {mine.cluster!r}",
-                        RefuseReason.WRONG_CLUSTER)
-    if hello.node_id == mine.node_id:
-        raise AuthError(f"peer {hello.node_name!r} uses our node id {mine.node_id}",
-                        RefuseReason.SAME_NODE_ID)
-    if hello.node_id == 0:
-        raise AuthError("peer uses the reserved node id 0", RefuseReason.PROTOCOL_ERROR)
+        older = "the peer" if hello.version_max < VERSION_MIN else "this node"
+        raise AuthError(f"peer speaks handshake v{theirs}, we speak v{ours}: upgrade nftsync "
+                        f"on {older}", RefuseReason.BAD_VERSION,
+                        refuse_text=f"unsupported protocol version: we speak v{ours}, you "
+                                    f"v{theirs}; upgrade nftsync on the older node")
     return common
 
 
-# What a REFUSE tells an unauthenticated peer: the reason code and a fixed text, never our
-# cluster name, node id or anything about the key.
+def _check_peer(mine: Identity, ok: AuthOk) -> None:
+    """Checks on the identity an authenticated peer told us in its AUTH_OK."""
+    if ok.node_id == HELLO_NO_NODE_ID:
+        raise AuthError(f"peer {ok.node_name!r} uses the reserved node id 0",
+                        RefuseReason.PROTOCOL_ERROR)
+    if ok.node_id == mine.node_id:
+        raise AuthError(f"peer {ok.node_name!r} uses our node id {mine.node_id}",
+                        RefuseReason.SAME_NODE_ID)
+
+
+# What a REFUSE tells the peer: the reason code and a fixed text, never our cluster name, node
+# id or anything about the key. Before the peer proved the key the only refusals are
+# BAD_VERSION, AUTH_FAILED and PROTOCOL_ERROR; SAME_NODE_ID comes after the proofs.
 _REFUSE_TEXT = {
-    RefuseReason.BAD_VERSION: f"unsupported protocol version (we speak {VERSION_MIN}.."
+    RefuseReason.BAD_VERSION: f"unsupported protocol version (we speak v{VERSION_MIN}.."
                               f"{VERSION_MAX})",
-    RefuseReason.WRONG_CLUSTER: "cluster name does not match",
     RefuseReason.AUTH_FAILED: "authentication failed",
     RefuseReason.SAME_NODE_ID: "node id is the same as ours",
     RefuseReason.PROTOCOL_ERROR: "protocol error",
 }
+#: What we really found -> what the peer is told. A wrong cluster name is refused as a wrong key:
+#: otherwise an outsider could confirm a guessed name (docs/protocol.md "Handshake").
+_PUBLIC_REASON = {RefuseReason.WRONG_CLUSTER: RefuseReason.AUTH_FAILED}
 
 
 class _Handshake:
@@ -157,11 +174,15 @@ class _Handshake:
         self.reader = reader
         self.writer = writer
         self.me = identity
-        self.key = key
+        self.cluster_key = auth.cluster_key(key, identity.cluster)
+        self.check_key = auth.check_key(key)
         self.initiator = initiator
         self.sent = 0  # our next frame counter
         self.received = 0  # peer's next frame counter
         self.nonce = secrets.token_bytes(NONCE_LEN)
+        # Set once the peer proved the key: from then on our frames (a REFUSE too) are tagged.
+        self.send_key: bytes | None = None
+        self.version = HANDSHAKE_HEADER_VERSION
 
     async def send(self, msg: Message, key: bytes | None = None, version: int = 1) -> bytes:
         frame = encode_frame(msg, self.sent, key, version)
@@ -170,22 +191,31 @@ class _Handshake:
         await self.writer.drain()
         return frame
 
-    async def refuse(self, reason: int) -> None:
-        """Tell the peer why, untagged (no session key is trusted yet), best effort."""
+    async def refuse(self, reason: int, text: str | None = None) -> None:
+        """Tell the peer why, best effort: untagged while no session key is trusted, tagged
+        once the peer proved the key (so nobody on the path can forge a later refusal)."""
+        reason = _PUBLIC_REASON.get(reason, reason)
+        msg = Refuse(reason, text if text is not None else _REFUSE_TEXT.get(reason, "refused"))
         try:
-            await self.send(Refuse(reason, _REFUSE_TEXT.get(reason, "refused")))
+            if self.send_key is None:
+                await self.send(msg)
+            else:
+                await self.send(msg, self.send_key, self.version)
         except (ConnectionError, ssl.SSLError) as exc:
             log.debug("could not send REFUSE: %s", exc)
 
     async def recv(self, allowed: tuple[int, ...], key: bytes | None = None,
-                   version: int = HANDSHAKE_HEADER_VERSION) -> tuple[Message, bytes]:
-        """Next handshake frame: one of `allowed`, or an untagged REFUSE -> AuthError(remote)."""
+                   version: int = HANDSHAKE_HEADER_VERSION,
+                   tagged_refuse: bool = False) -> tuple[Message, bytes]:
+        """Next handshake frame: one of `allowed`, or a REFUSE -> AuthError(remote). With `key`
+        the frame must be tagged; a REFUSE too if `tagged_refuse` (the peer proved the key
+        before it could refuse), else a REFUSE is untagged."""
         raw_hdr = await _read_exact(self.reader, HEADER_LEN, True)
         hdr = parse_header(raw_hdr)
         if hdr.length > MAX_HANDSHAKE_PAYLOAD:
             raise ProtocolError(f"handshake frame of {hdr.length} bytes exceeds the "
                                 f"{MAX_HANDSHAKE_PAYLOAD} limit")
-        tagged = key is not None and hdr.type != MsgType.REFUSE
+        tagged = key is not None and (hdr.type != MsgType.REFUSE or tagged_refuse)
         body = await _read_exact(self.reader, hdr.length + (TAG_LEN if tagged else 0), False)
         payload = body[:hdr.length]
         if tagged:
@@ -199,6 +229,10 @@ class _Handshake:
             ref = decode_payload(hdr.type, payload)
             assert isinstance(ref, Refuse)
             name = RefuseReason.NAMES.get(ref.reason, str(ref.reason))
+            if ref.reason == RefuseReason.BAD_VERSION:
+                raise AuthError(f"peer refused our protocol version v{VERSION_MIN}.."
+                                f"{VERSION_MAX} ({ref.text}): upgrade nftsync on the older "
+                                "node", ref.reason, remote=True)
             raise AuthError(f"peer refused us: {name}: {ref.text}", ref.reason, remote=True)
         if hdr.type == MsgType.HELLO:
             version = HANDSHAKE_HEADER_VERSION
@@ -210,15 +244,16 @@ class _Handshake:
         return decode_payload(hdr.type, payload), raw_hdr + payload
 
     def hello(self) -> Hello:
-        return Hello(VERSION_MIN, VERSION_MAX, self.me.cluster, self.me.node_id,
-                     self.me.node_name, self.nonce, self.me.capabilities)
+        """Our HELLO: versions, nonce, capabilities, and nothing that names us or the cluster."""
+        return Hello(VERSION_MIN, VERSION_MAX, HELLO_NO_NAME, HELLO_NO_NODE_ID, HELLO_NO_NAME,
+                     self.nonce, self.me.capabilities)
 
     async def run(self) -> Channel:
         try:
             return await (self._initiate() if self.initiator else self._respond())
         except AuthError as exc:
             if not exc.remote:
-                await self.refuse(exc.reason)
+                await self.refuse(exc.reason, exc.refuse_text)
             raise
         except ProtocolError:
             await self.refuse(RefuseReason.PROTOCOL_ERROR)
@@ -226,39 +261,60 @@ class _Handshake:
 
     async def _initiate(self) -> Channel:
         my_hello = await self.send(self.hello())
-        msg, peer_hello_frame = await self.recv((MsgType.HELLO,))
-        assert isinstance(msg, Hello)
-        version = _negotiate(self.me, msg)
+        hello, peer_hello_frame = await self.recv((MsgType.HELLO,))
+        assert isinstance(hello, Hello)
+        self.version = _negotiate(hello)
         transcript = auth.transcript_hash(my_hello, peer_hello_frame)
-        await self.send(Auth(auth.proof(self.key, transcript, initiator=True)))
+        await self.send(Auth(auth.proof(self.cluster_key, transcript, initiator=True),
+                             auth.key_check_proof(self.check_key, transcript)))
         proof_msg, _ = await self.recv((MsgType.AUTH,))
         assert isinstance(proof_msg, Auth)
-        if not auth.check_proof(self.key, transcript, False, proof_msg.proof):
-            raise AuthError("peer's proof is wrong: it does not hold our key (or reflected ours)")
-        k_i2r, k_r2i = auth.session_keys(self.key, self.nonce, msg.nonce, transcript)
-        await self.send(AuthOk(), k_i2r, version)
-        return self._channel(msg, version, k_i2r, k_r2i)
+        if proof_msg.key_check:
+            raise ProtocolError("the responder's AUTH carries a key check")
+        if not auth.check_proof(self.cluster_key, transcript, False, proof_msg.proof):
+            raise AuthError("peer's proof is wrong: it does not hold our key and cluster name "
+                            "(or reflected our proof)")
+        k_i2r, k_r2i = auth.session_keys(self.cluster_key, self.nonce, hello.nonce, transcript)
+        self.send_key = k_i2r
+        await self.send(AuthOk(self.me.node_id, self.me.node_name), k_i2r, self.version)
+        ok, _ = await self.recv((MsgType.AUTH_OK,), k_r2i, self.version, tagged_refuse=True)
+        assert isinstance(ok, AuthOk)
+        _check_peer(self.me, ok)
+        return self._channel(hello, ok, k_i2r, k_r2i)
 
     async def _respond(self) -> Channel:
-        msg, peer_hello_frame = await self.recv((MsgType.HELLO,))
-        assert isinstance(msg, Hello)
-        version = _negotiate(self.me, msg)
+        hello, peer_hello_frame = await self.recv((MsgType.HELLO,))
+        assert isinstance(hello, Hello)
+        self.version = _negotiate(hello)
         my_hello = await self.send(self.hello())
         transcript = auth.transcript_hash(peer_hello_frame, my_hello)
         proof_msg, _ = await self.recv((MsgType.AUTH,))
         assert isinstance(proof_msg, Auth)
-        if not auth.check_proof(self.key, transcript, True, proof_msg.proof):
-            raise AuthError("peer's proof is wrong: it does not hold our key")
+        if not proof_msg.key_check:
+            raise ProtocolError("the initiator's AUTH lacks its key check")
+        # Both checks always run, so a wrong key and a wrong cluster take the same path and
+        # time up to the (identical) refusal; only our log tells them apart.
+        proved = auth.check_proof(self.cluster_key, transcript, True, proof_msg.proof)
+        key_right = auth.check_key_check_proof(self.check_key, transcript, proof_msg.key_check)
+        if not proved:
+            if key_right:
+                raise AuthError("peer holds our key but not our cluster name (wrong cluster)",
+                                RefuseReason.WRONG_CLUSTER)
+            raise AuthError("peer's proof is wrong: it does not hold our key (wrong key)")
         # Only now do we prove ourselves, so a peer without the key never gets a proof of ours.
-        await self.send(Auth(auth.proof(self.key, transcript, initiator=False)))
-        k_i2r, k_r2i = auth.session_keys(self.key, msg.nonce, self.nonce, transcript)
-        await self.recv((MsgType.AUTH_OK,), k_i2r, version)
-        return self._channel(msg, version, k_r2i, k_i2r)
+        await self.send(Auth(auth.proof(self.cluster_key, transcript, initiator=False)))
+        k_i2r, k_r2i = auth.session_keys(self.cluster_key, hello.nonce, self.nonce, transcript)
+        self.send_key = k_r2i
+        # An untagged REFUSE may come instead: the initiator rejected our proof.
+        ok, _ = await self.recv((MsgType.AUTH_OK,), k_i2r, self.version)
+        assert isinstance(ok, AuthOk)
+        _check_peer(self.me, ok)
+        await self.send(AuthOk(self.me.node_id, self.me.node_name), k_r2i, self.version)
+        return self._channel(hello, ok, k_r2i, k_i2r)
 
-    def _channel(self, hello: Hello, version: int, send_key: bytes,
-                 recv_key: bytes) -> Channel:
-        peer = PeerInfo(hello.cluster, hello.node_id, hello.node_name, hello.capabilities,
-                        version, self.initiator, _peername(self.writer))
+    def _channel(self, hello: Hello, ok: AuthOk, send_key: bytes, recv_key: bytes) -> Channel:
+        peer = PeerInfo(self.me.cluster, ok.node_id, ok.node_name, hello.capabilities,
+                        self.version, self.initiator, _peername(self.writer))
         return Channel(self.reader, self.writer, peer, send_key, recv_key, self.sent,
                        self.received)
 

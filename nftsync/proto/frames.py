@@ -104,10 +104,20 @@ class Message:
 
 _HELLO_FIXED = struct.Struct(">BBII32sBB")  # vmin vmax caps node_id nonce cluster_len name_len
 
+#: What a v2 HELLO puts in v1's identity fields (node id 0, names "-"): a HELLO goes to whoever
+#: connects, before any proof, so it names nothing; the fields stay so that a v1 node can still
+#: parse it and refuse with BAD_VERSION instead of PROTOCOL_ERROR.
+HELLO_NO_NODE_ID = 0
+HELLO_NO_NAME = "-"
+
 
 @dataclass(slots=True)
 class Hello(Message):
-    """First frame each way. Its layout is frozen for all versions so any two nodes can read it."""
+    """First frame each way. Its layout is frozen for all versions so any two nodes can read it.
+
+    Since v2 it carries only versions, nonce and capabilities: `cluster`, `node_id` and
+    `node_name` are v1's fields, sent as HELLO_NO_NAME / HELLO_NO_NODE_ID and ignored.
+    """
 
     version_min: int
     version_max: int
@@ -146,38 +156,55 @@ class Hello(Message):
 
 @dataclass(slots=True)
 class Auth(Message):
-    """Proof of key possession: HMAC-SHA256(PSK, label | transcript hash), see auth.py."""
+    """Proof of holding the key for the cluster: HMAC-SHA256(cluster key, label | transcript).
+
+    The initiator's AUTH also carries `key_check`, a proof keyed with the PSK alone, so that a
+    responder can log "right key, wrong cluster" (auth.py); the responder's has none.
+    """
 
     proof: bytes
+    key_check: bytes = b""
 
     TYPE: ClassVar[int] = MsgType.AUTH
 
     def encode_payload(self) -> bytes:
-        if len(self.proof) != PROOF_LEN:
-            raise ValueError(f"proof must be {PROOF_LEN} bytes")
-        return bytes(self.proof)
+        if len(self.proof) != PROOF_LEN or len(self.key_check) not in (0, PROOF_LEN):
+            raise ValueError(f"proof and key check must be {PROOF_LEN} bytes")
+        return bytes(self.proof) + bytes(self.key_check)
 
     @classmethod
     def decode_payload(cls, mv: memoryview) -> Auth:
-        if len(mv) != PROOF_LEN:
+        if len(mv) not in (PROOF_LEN, 2 * PROOF_LEN):
             raise ProtocolError("AUTH proof has the wrong length")
-        return cls(mv.tobytes())
+        return cls(mv[:PROOF_LEN].tobytes(), mv[PROOF_LEN:].tobytes())
+
+
+_AUTH_OK = struct.Struct(">IB")  # node_id, name_len; the node name follows
 
 
 @dataclass(slots=True)
 class AuthOk(Message):
-    """Initiator's confirmation; the first MAC-tagged frame, so it also proves the session key."""
+    """The first tagged frame each way: it proves the session key, and tells who the sender is
+    (node id and name), which only now reaches a peer that proved the key. Bytes after the
+    name are fields of later versions: ignored."""
+
+    node_id: int
+    node_name: str
 
     TYPE: ClassVar[int] = MsgType.AUTH_OK
 
     def encode_payload(self) -> bytes:
-        return b""
+        name = encode_name(self.node_name, "node name", MAX_NAME)
+        return _AUTH_OK.pack(self.node_id, len(name)) + name
 
     @classmethod
     def decode_payload(cls, mv: memoryview) -> AuthOk:
-        if len(mv):
-            raise ProtocolError("AUTH_OK carries no payload")
-        return cls()
+        if len(mv) < _AUTH_OK.size:
+            raise ProtocolError("AUTH_OK too short")
+        node_id, n = _AUTH_OK.unpack_from(mv, 0)
+        if not 0 < n <= MAX_NAME or _AUTH_OK.size + n > len(mv):
+            raise ProtocolError("AUTH_OK node name length out of range")
+        return cls(node_id, decode_text(mv[_AUTH_OK.size:_AUTH_OK.size + n], "node name"))
 
 
 _CODE_TEXT = struct.Struct(">HH")

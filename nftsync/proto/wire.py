@@ -9,11 +9,12 @@ import struct
 from nftsync.errors import NftsyncError
 
 MAGIC = b"NFSY"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Versions this implementation can speak; HELLO advertises the range and both sides pick the max
-# common one (see docs/protocol.md "Versioning").
-VERSION_MIN = 1
-VERSION_MAX = 1
+# common one (see docs/protocol.md "Versioning"). Version 1 is not spoken any more: its HELLO
+# told the cluster name, node id and node name to whoever connected, before any proof.
+VERSION_MIN = 2
+VERSION_MAX = 2
 
 #: magic(4) version(u8) type(u8) flags(u16) payload length(u32) frame counter(u64), big-endian.
 HEADER = struct.Struct(">4sBBHIQ")

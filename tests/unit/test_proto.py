@@ -71,10 +71,10 @@ CT = ConntrackRecord(OP_ADD, 3, 1_700_000_000_999, bytes(range(128)))
 CT_DEL = ConntrackRecord(OP_DELETE, 3, 5, b"\x01")
 
 MESSAGES: list[Message] = [
-    Hello(1, 1, "lab", 7, "lb7", bytes(range(32)), 3),
-    Auth(bytes(range(32))),
-    AuthOk(),
-    Refuse(RefuseReason.WRONG_CLUSTER, "cluster name does not match"),
+    Hello(2, 2, "-", 0, "-", bytes(range(32)), 3),
+    Auth(bytes(range(32)), bytes(range(32, 64))),
+    AuthOk(7, "lb7"),
+    Refuse(RefuseReason.AUTH_FAILED, "authentication failed"),
     Refuse(RefuseReason.SHUTDOWN, ""),
     SnapshotBegin(2**64 - 1, 9),
     SnapshotChunk(4, [SESS, CT, SESS_DEL, CT_DEL]),
@@ -231,7 +231,7 @@ def test_handshake_and_exchange_over_loopback() -> None:
                                                                                          "lab")
             assert (srv.peer.node_id, srv.peer.node_name) == (1, "lb1")
             assert client.peer.we_initiated and not srv.peer.we_initiated
-            assert client.version == srv.version == 1
+            assert client.version == srv.version == 2
             assert srv.peer.address is not None and srv.peer.address[0] == "127.0.0.1"
             for m in MESSAGES[5:]:  # past HELLO..REFUSE (handshake-only or closing)
                 await client.send(m)
@@ -241,7 +241,9 @@ def test_handshake_and_exchange_over_loopback() -> None:
             await client.send_many([Ack(1), Ack(2), Heartbeat(3, 2)])
             assert [await srv.recv() for _ in range(3)] == [Ack(1), Ack(2), Heartbeat(3, 2)]
             with pytest.raises(ValueError):
-                await client.send(Hello(1, 1, "lab", 1, "x", bytes(32)))
+                await client.send(Hello(2, 2, "-", 0, "-", bytes(32)))
+            with pytest.raises(ValueError):
+                await client.send(AuthOk(1, "lb1"))
             bad = SessionRecord(OP_ADD, "m", b"k" * 65, 1, 0, 0, 1)
             with pytest.raises(ValueError):  # a batch that fails to encode sends nothing ...
                 await client.send_many([Ack(1), Updates(2, [bad])])
@@ -275,18 +277,27 @@ def test_wrong_key_fails_on_both_sides() -> None:
     assert KEY.hex() not in str(cerr) and OTHER_KEY.hex() not in str(serr)
 
 
-def test_wrong_cluster_refused() -> None:
+def test_wrong_cluster_refused_like_a_wrong_key() -> None:
+    """Outside, a wrong cluster is a wrong key (AUTH_FAILED); our own error says which."""
     cerr, serr = _both_fail(Identity("other", 1, "lb1"), B, KEY, KEY)
-    assert cerr.reason == serr.reason == RefuseReason.WRONG_CLUSTER
+    assert serr.reason == RefuseReason.WRONG_CLUSTER and not serr.remote
+    assert "wrong cluster" in str(serr)
+    assert cerr.reason == RefuseReason.AUTH_FAILED and cerr.remote
     assert "lab" not in str(cerr)  # an unauthenticated peer does not learn our cluster name
 
 
 def test_same_node_id_refused() -> None:
     cerr, serr = _both_fail(Identity("lab", 2, "impostor"), B, KEY, KEY)
     assert cerr.reason == serr.reason == RefuseReason.SAME_NODE_ID
+    assert cerr.remote and not serr.remote
 
 
-@pytest.mark.parametrize("vmin,vmax,hdr_version", [(2, 2, 1), (0, 0, 1), (3, 2, 1), (1, 1, 2)])
+@pytest.mark.parametrize("vmin,vmax,hdr_version", [
+    (1, 1, 1),  # a node of protocol v1 (nftsync before issue 13)
+    (3, 3, 1),  # a node that no longer speaks v2
+    (0, 0, 1), (3, 2, 1),
+    (2, 2, 2),  # a HELLO's header always says 1
+])
 def test_unsupported_version_refused(vmin: int, vmax: int, hdr_version: int) -> None:
     async def main() -> None:
         async with server() as (port, results):
@@ -299,13 +310,18 @@ def test_unsupported_version_refused(vmin: int, vmax: int, hdr_version: int) -> 
             assert await reader.read() == b""  # and the server closed the connection
             serr = await results.get()
             assert isinstance(serr, AuthError) and serr.reason == RefuseReason.BAD_VERSION
+            if (vmin, vmax) == (1, 1):
+                assert str(serr) == ("peer speaks handshake v1..1, we speak v2..2: upgrade "
+                                     "nftsync on the peer")
+                assert refuse.text == ("unsupported protocol version: we speak v2..2, you "
+                                       "v1..1; upgrade nftsync on the older node")
             writer.close()
 
     run(main())
 
 
 def test_newer_initiator_is_served_at_our_version() -> None:
-    """A v2 node advertising 1..2 with extra HELLO fields is spoken to in v1 (docs: Versioning).
+    """A v3 node advertising 2..3 with extra HELLO fields is spoken to in v2 (docs: Versioning).
 
     The initiator side is written by hand from the spec, which also checks docs/protocol.md's
     key schedule against the implementation.
@@ -314,24 +330,38 @@ def test_newer_initiator_is_served_at_our_version() -> None:
         async with server() as (port, results):
             reader, writer = await raw_client(port)
             nonce = os.urandom(32)
-            payload = Hello(1, 2, "lab", 5, "v2node", nonce, 0x80000003).encode_payload()
+            payload = Hello(2, 3, "-", 0, "-", nonce, 0x80000003).encode_payload()
             payload += b"\x01\x02future-field"
             my_hello = HEADER.pack(MAGIC, 1, Hello.TYPE, 0, len(payload), 0) + payload
             writer.write(my_hello)
             hdr, peer_payload = await read_frame_raw(reader)
             peer = decode_payload(hdr.type, peer_payload)
-            assert isinstance(peer, Hello) and peer.node_id == 2
-            assert (peer.version_min, peer.version_max) == (1, 1)
+            assert isinstance(peer, Hello) and (peer.node_id, peer.cluster) == (0, "-")
+            assert (peer.version_min, peer.version_max) == (2, 2)
             transcript = auth.transcript_hash(my_hello, HEADER.pack(*_fields(hdr)) + peer_payload)
-            writer.write(encode_frame(Auth(auth.proof(KEY, transcript, True)), 1, None))
+            ck = auth.cluster_key(KEY, "lab")
+            writer.write(encode_frame(Auth(auth.proof(ck, transcript, True),
+                                           auth.key_check_proof(auth.check_key(KEY),
+                                                                transcript)), 1, None,
+                                      version=1))
             hdr, proof = await read_frame_raw(reader)
-            assert hdr.type == Auth.TYPE and auth.check_proof(KEY, transcript, False, proof)
-            k_i2r, k_r2i = auth.session_keys(KEY, nonce, peer.nonce, transcript)
-            writer.write(encode_frame(AuthOk(), 2, k_i2r, version=1))
-            writer.write(encode_frame(Ack(77), 3, k_i2r, version=1))
+            assert hdr.type == Auth.TYPE and auth.check_proof(ck, transcript, False, proof)
+            k_i2r, k_r2i = auth.session_keys(ck, nonce, peer.nonce, transcript)
+            ok = AuthOk(5, "v3node").encode_payload() + b"future"
+            writer.write(HEADER.pack(MAGIC, 2, AuthOk.TYPE, 0, len(ok), 2) + ok +
+                         frames.compute_tag(k_i2r, HEADER.pack(MAGIC, 2, AuthOk.TYPE, 0,
+                                                               len(ok), 2), ok))
+            hdr, their_ok = await read_frame_raw(reader)
+            frames.verify_tag(k_r2i, HEADER.pack(*_fields(hdr)), their_ok,
+                              await reader.readexactly(16))
+            assert decode_payload(hdr.type, their_ok) == AuthOk(2, "lb2")
+            assert (hdr.version, hdr.counter) == (2, 2)
+            writer.write(encode_frame(Ack(77), 3, k_i2r, version=2))
             srv = await results.get()
             assert isinstance(srv, Channel), srv
-            assert srv.version == 1 and srv.peer.capabilities == 0x80000003
+            assert srv.version == 2 and srv.peer.capabilities == 0x80000003
+            assert (srv.peer.node_id, srv.peer.node_name, srv.peer.cluster) == (5, "v3node",
+                                                                                "lab")
             assert await srv.recv() == Ack(77)
             await srv.send(Heartbeat(1, 77))
             raw = await reader.readexactly(20 + 16 + 16)
@@ -382,11 +412,12 @@ def test_reflected_proof_is_rejected() -> None:
 
         async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             _hdr, _ = await read_frame_raw(reader)  # initiator's HELLO
-            writer.write(encode_frame(Hello(1, 1, "lab", 9, "mallory", os.urandom(32)), 0, None))
+            writer.write(encode_frame(Hello(2, 2, "-", 0, "-", os.urandom(32)), 0, None,
+                                      version=1))
             hdr, payload = await read_frame_raw(reader)
             their_proof = decode_payload(hdr.type, payload)
             assert isinstance(their_proof, Auth)
-            writer.write(encode_frame(Auth(their_proof.proof), 1, None))
+            writer.write(encode_frame(Auth(their_proof.proof), 1, None, version=1))
             hdr, payload = await read_frame_raw(reader)
             got_refuse.set_result(decode_payload(hdr.type, payload))
             writer.close()
@@ -480,8 +511,8 @@ def test_frame_reflected_to_its_sender_fails() -> None:
     async def main() -> None:
         client, srv, stack = await pair()
         async with stack:
-            await srv.send(Ack(0))  # server sent 3 frames, expects client's 4th: align them
-            assert await client.recv() == Ack(0)
+            # both sent 3 handshake frames (HELLO, AUTH, AUTH_OK): counters are aligned
+            assert srv._send_counter == srv._recv_counter == 3
             frame = srv._frame(Ack(5), 0)
             srv._writer.write(frame)
             assert await client.recv() == Ack(5)

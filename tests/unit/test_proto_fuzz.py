@@ -61,8 +61,9 @@ records = st.lists(st.one_of(sessions, conntracks), max_size=40)
 
 messages = st.one_of(
     st.builds(Hello, u8, u8, names, u32, names, st.binary(min_size=32, max_size=32), u32),
-    st.builds(Auth, st.binary(min_size=32, max_size=32)),
-    st.just(AuthOk()),
+    st.builds(Auth, st.binary(min_size=32, max_size=32),
+              st.sampled_from([32, 0]).flatmap(lambda n: st.binary(min_size=n, max_size=n))),
+    st.builds(AuthOk, u32, names),
     st.builds(Refuse, u16, utf8_limited(256)),
     st.builds(SnapshotBegin, u64, u32),
     st.builds(SnapshotChunk, u64, records),
@@ -174,7 +175,8 @@ def test_key_text_parser_only_raises_key_file_error(text: str) -> None:
 A = Identity("fuzz", 1, "client")
 B = Identity("fuzz", 2, "server")
 
-_good_hello = encode_frame(Hello(1, 1, "fuzz", 7, "x", bytes(32)), 0, None)
+_good_hello = encode_frame(Hello(2, 2, "-", 0, "-", bytes(32)), 0, None, version=1)
+_proof = st.binary(min_size=32, max_size=32)
 garbage_blobs = st.one_of(
     st.binary(max_size=300),
     # a plausible header with a random length and counter, then a few bytes of body
@@ -183,6 +185,13 @@ garbage_blobs = st.one_of(
     # a truncated valid HELLO, and a valid HELLO followed by garbage instead of AUTH
     st.integers(0, len(_good_hello) - 1).map(lambda n: _good_hello[:n]),
     st.binary(max_size=80).map(lambda tail: _good_hello + tail),
+    # the v2 messages after a good HELLO: an AUTH with random proofs (with and without its key
+    # check, or cut short), then maybe an AUTH_OK tagged with a random key or not tagged at all
+    st.builds(lambda p, c, cut, ok, tag: (
+        _good_hello + encode_frame(Auth(p, c), 1, None, version=1)[:cut] +
+        (encode_frame(AuthOk(*ok), 2, tag, version=2) if ok else b"")),
+        _proof, st.one_of(st.just(b""), _proof), st.integers(20, 84),
+        st.one_of(st.none(), st.tuples(u32, names)), st.one_of(st.none(), _proof)),
 )
 
 

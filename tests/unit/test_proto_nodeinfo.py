@@ -113,5 +113,5 @@ def test_without_the_flag_an_older_receiver_would_close(monkeypatch) -> None:
 
 def test_hello_tells_no_version() -> None:
     """What an unauthenticated side sees of us: the HELLO, which holds no software version."""
-    hello = Hello(1, 1, "lab", 1, "lb1", bytes(32))
+    hello = Hello(2, 2, "-", 0, "-", bytes(32))  # all a v2 HELLO holds besides the nonce
     assert __version__.encode() not in hello.encode_payload()

@@ -20,6 +20,9 @@ HEALTH_EXIT = {"ok": 0, "degraded": 1, "starting": 1, "syncing": 1, "failing": 2
 EXIT_UNKNOWN = 3
 #: `status --wait-ready`: the daemon answered, but was still starting or syncing at the timeout.
 EXIT_NOT_READY = 4
+#: Every command: the socket is served by a process that is neither root nor the caller's own
+#: user (an impostor may have taken the path); its answer is not believed, not even printed.
+EXIT_UNTRUSTED = control.UntrustedDaemon.exit_code
 #: Health values that --wait-ready waits through.
 NOT_READY = ("starting", "syncing")
 WAIT_POLL_S = 0.5
@@ -39,6 +42,7 @@ def command(ctx: click.Context, socket_path: str, timeout: float) -> None:
     Examples:
       nftsync ctl status                # health, role, peers up; exit 0 ok, 1 degraded,
                                         # starting or syncing, 2 failing, 3 no daemon
+                                        # (5 for any command: socket not served by root)
       nftsync ctl status --wait-ready   # wait until it has its peers' state (after a start)
       nftsync ctl peers                 # per peer: state, entries sent/applied, lag, errors
       nftsync ctl stats --json
@@ -75,6 +79,7 @@ def status(wait_ready: bool, wait_timeout: float, as_json: bool) -> None:
       2  failing   no peer connected at all, or no farm loaded
       3  no daemon answered (none running, wrong --socket, timeout)
       4  (--wait-ready only) still starting or syncing when --timeout ran out
+      5  the socket is served by a process that is not root (an impostor?)
 
     \b
     With --wait-ready the control socket is polled (every 0.5 s, also while no daemon
@@ -98,7 +103,8 @@ def status(wait_ready: bool, wait_timeout: float, as_json: bool) -> None:
             data = control.call(path, "status", None, timeout)
         except control.ControlError as exc:
             click.echo(f"nftsync: error: {exc}", err=True)
-            sys.exit(EXIT_UNKNOWN)
+            sys.exit(EXIT_UNTRUSTED if isinstance(exc, control.UntrustedDaemon)
+                     else EXIT_UNKNOWN)
     emit(as_json, data, _status_text)
     health = str(data.get("health")) if isinstance(data, dict) else None
     if wait_ready and health in NOT_READY:
@@ -120,6 +126,8 @@ def _wait_ready(path: str, timeout: float, wait_timeout: float, as_json: bool) -
             try:
                 data = control.call(path, "status", None, max(0.1, min(timeout, left)))
                 error = None
+            except control.UntrustedDaemon:
+                raise  # not a daemon that is still starting: handle_errors, exit 5
             except control.ControlError as exc:
                 error = exc  # not there yet, or busy: try again until the deadline
             if isinstance(data, dict) and error is None:

@@ -7,6 +7,7 @@ daemon core only ever sees a validated `DaemonConfig`.
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import os
 import re
@@ -81,6 +82,9 @@ class DaemonConfig:
     # only, like `listen`.
     metrics_host: str | None = None
     metrics_port: int = DEFAULT_METRICS_PORT
+    # A group whose members may use the control socket besides root (socket 0660 root:GROUP;
+    # docs/daemon.md "The control protocol"). None: root only. Read at start only.
+    control_group: str | None = None
     # Mutual TLS on the sync link (tls_cert, tls_key, tls_ca; docs/daemon.md "TLS on the sync
     # link"): the files checked and both contexts built at load time. None: plain TCP.
     tls: TlsSettings | None = None
@@ -119,7 +123,7 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 #: before a missing key file: the cheap, syntactic errors first).
 TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "metrics_listen", "peers",
             "farms", "conntrack", "legacy_farms", "socket", "log_level", "log_format",
-            "realtime_priority", *TLS_KEYS,
+            "realtime_priority", "control_group", *TLS_KEYS,
             "key_file")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
@@ -272,6 +276,8 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         kw["log_format"] = _choice(v, LOG_FORMATS, lower=True)
     if (v := got("realtime_priority")) is not None:
         kw["realtime_priority"] = _realtime_priority(v)
+    if (v := got("control_group")) is not None:
+        kw["control_group"] = _control_group(v)
     for key, (lo, hi) in TIMING_KEYS.items():
         if (v := got(key)) is not None:
             kw[key] = _seconds(v, lo, hi, inclusive_low=key == "batch_delay")
@@ -426,6 +432,18 @@ def _path(v: _Value) -> str:
     if not p.is_absolute() and v.base is not None:
         p = v.base / p
     return str(p)
+
+
+def _control_group(v: _Value) -> str:
+    """An existing group (checked now: a typo must not leave the socket root's only, or fail
+    only at start)."""
+    name = _str(v)
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise _fail(v, f"no group {name!r} on this system (create it: groupadd --system "
+                    f"{name})") from None
+    return name
 
 
 def _socket_path(v: _Value) -> str:

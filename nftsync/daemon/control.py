@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import grp
 import inspect
 import json
 import logging
@@ -53,6 +54,11 @@ MAX_ARG_TEXT = 255
 MAX_NUMBER_TEXT = 40
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (SO_PEERCRED)
+#: SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups when it connected. Python's
+#: getsockopt reads at most 1024 bytes: 256 groups; a process in more is judged by its
+#: primary group alone.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between two log lines about refused control clients
 
 
 class ControlError(NftsyncError):
@@ -65,6 +71,38 @@ class DaemonNotRunning(ControlError):
     """Nothing listens on the control socket: `nftsync ctl` has no daemon to talk to."""
 
     exit_code = 3
+
+
+class UntrustedDaemon(ControlError):
+    """The process serving the control socket is neither root nor the caller's own user: it
+    may be an impostor that took the path first (a socket in a world-writable directory), so
+    `nftsync ctl` believes none of its answers."""
+
+    exit_code = 5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerCred:
+    """The credentials of the process at the other end of a unix socket, when it connected
+    (or, for a listening socket, when it called listen): SO_PEERCRED, set by the kernel."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock: Any) -> PeerCred:
+        return cls(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _UCRED.size)))
+
+
+def peer_groups(sock: Any) -> tuple[int, ...] | None:
+    """The peer's supplementary group ids (SO_PEERGROUPS); None if they cannot be read."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError:  # ERANGE: more than 256 groups; ENOPROTOOPT: a kernel before 4.13
+        return None
+    return struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,12 +214,17 @@ class ControlServer:
     which the server answers itself) to the function that runs it (Daemon.control_ops())."""
 
     def __init__(self, ops: Mapping[str, Callable[..., Any]],
-                 path: str = DEFAULT_SOCKET) -> None:
+                 path: str = DEFAULT_SOCKET, group: str | None = None) -> None:
         missing = set(COMMANDS) - {"ping"} - set(ops)
         if missing:
             raise ValueError(f"no operation for command(s) {', '.join(sorted(missing))}")
         self.ops = dict(ops)
         self.path = path
+        self.group = group  # control_group: its members may use the socket too
+        self._gid: int | None = None  # the group's id, resolved at start()
+        self.refused = 0  # clients refused for their credentials
+        self._refusal_logged = 0.0  # monotonic time of the last log line about them
+        self._refusals_unlogged = 0
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CLIENTS)
@@ -189,7 +232,13 @@ class ControlServer:
         self.started = time.monotonic()
 
     async def start(self) -> None:
-        """Create the directory (0750) and socket (0600); refuse if a daemon already listens."""
+        """Create the directory (0750) and socket (0600, or 0660 for control_group); refuse if
+        a daemon already listens."""
+        if self.group is not None:
+            try:
+                self._gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ControlError(f"control_group {self.group!r}: no such group") from None
         self._prepare_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -200,7 +249,9 @@ class ControlServer:
                 sock.bind(self.path)
             finally:
                 os.umask(old)
-            os.chmod(self.path, 0o600)
+            if self._gid is not None:
+                os.chown(self.path, -1, self._gid)
+            os.chmod(self.path, 0o600 if self._gid is None else 0o660)
             st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
             sock.listen(MAX_WAITING)
@@ -211,7 +262,8 @@ class ControlServer:
                                f"{exc.strerror or exc}") from None
         self._server = await asyncio.start_unix_server(self._client, sock=sock,
                                                        limit=MAX_REQUEST)
-        log.info("control socket listening on %s", self.path)
+        log.info("control socket listening on %s%s", self.path,
+                 f" (root and group {self.group})" if self.group else "")
 
     def _prepare_path(self) -> None:
         parent = Path(self.path).parent
@@ -222,6 +274,8 @@ class ControlServer:
             except OSError as exc:
                 raise ControlError(f"cannot create the control socket directory {parent}: "
                                    f"{exc.strerror}") from None
+        if self._gid is not None:
+            self._open_directory_to_group(parent)
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
@@ -237,6 +291,50 @@ class ControlServer:
         log.info("removing stale control socket %s left by a daemon that is gone", self.path)
         with contextlib.suppress(FileNotFoundError):  # another process removed it: fine too
             os.unlink(self.path)
+
+    def _open_directory_to_group(self, parent: Path) -> None:
+        """Let control_group's members reach the socket: a directory that is the daemon's own
+        (owned by its user, writable by nobody else, such as /run/nftsync) gets that group,
+        mode 0750. Any other directory is left as it is: it is not ours to change."""
+        st = os.stat(parent)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            log.warning("control socket directory %s is not the daemon's own: members of "
+                        "control_group %s need search (x) permission on it", parent, self.group)
+            return
+        assert self._gid is not None
+        try:
+            os.chown(parent, -1, self._gid)
+            os.chmod(parent, 0o750)
+        except OSError as exc:
+            raise ControlError(f"cannot give the control socket directory {parent} to group "
+                               f"{self.group}: {exc.strerror}") from None
+
+    def _allowed(self, sock: Any) -> PeerCred | None:
+        """The client's credentials if it may use the socket (root, the daemon's own user, or
+        a member of control_group when it connected), else None. Checked although the socket's
+        mode already keeps others out: the mode is only as good as every directory above it."""
+        cred = PeerCred.of(sock)
+        if cred.uid in (0, os.geteuid()):
+            return cred
+        if self._gid is not None and (cred.gid == self._gid
+                                      or self._gid in (peer_groups(sock) or ())):
+            return cred
+        self._log_refusal(cred)
+        return None
+
+    def _log_refusal(self, cred: PeerCred) -> None:
+        """One line per REFUSAL_LOG_INTERVAL at most, with a count of those not logged."""
+        self.refused += 1
+        now = time.monotonic()
+        if self._refusal_logged and now - self._refusal_logged < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        more = (f" ({self._refusals_unlogged} more refused since the last such line)"
+                if self._refusals_unlogged else "")
+        who = "root" + (f" or group {self.group}" if self.group else "")
+        log.warning("control socket: refused pid %d uid %d gid %d: not %s%s", cred.pid,
+                    cred.uid, cred.gid, who, more)
+        self._refusal_logged, self._refusals_unlogged = now, 0
 
     async def close(self) -> None:
         """Stop accepting, drop connected clients, remove our socket file (only if still ours)."""
@@ -262,6 +360,12 @@ class ControlServer:
         self._clients.add(task)
         slot = False
         try:
+            if self._allowed(writer.get_extra_info("socket")) is None:
+                writer.write(encode(error_response(
+                    "permission denied: the control socket serves root"
+                    + (f" and group {self.group}" if self.group else "") + " only")))
+                await writer.drain()
+                return
             # A connection that waits for a slot costs a task and a socket, no more; a burst
             # (monitoring scripts firing together, clients that already hung up but are not
             # yet reaped) is absorbed, a flood is refused.
@@ -434,6 +538,23 @@ def _connect_error(path: str, exc: OSError) -> ControlError:
     return ControlError(f"cannot connect to {path}: {exc.strerror or exc}")
 
 
+def check_daemon(sock: Any, path: str) -> PeerCred:
+    """Refuse (UntrustedDaemon) a socket served by anyone but root or the caller's own user.
+
+    Why: whoever binds a path first owns it. With --socket (or $NFTSYNC_SOCKET) in a
+    world-writable directory, another local user can be listening there and answer "health
+    ok" to a keepalived check. The kernel's SO_PEERCRED of the connected socket names the
+    process that called listen(); only root (the daemon's user) and we ourselves (a daemon
+    we started, e.g. in tests) are believed.
+    """
+    cred = PeerCred.of(sock)
+    if cred.uid not in (0, os.geteuid()):
+        raise UntrustedDaemon(f"{path} is served by uid {cred.uid} (pid {cred.pid}), not by "
+                              "root: not trusting its answers (is it an impostor? check who "
+                              f"created {path})")
+    return cred
+
+
 def decode_response(line: bytes, path: str) -> Any:
     """The daemon's response line -> its result; its error as ControlError."""
     if not line:
@@ -462,6 +583,7 @@ async def request(path: str, cmd: str, args: dict[str, Any] | None = None,
             except OSError as exc:
                 raise _connect_error(path, exc) from None
             try:
+                check_daemon(writer.get_extra_info("socket"), path)
                 writer.write(line)
                 await writer.drain()
                 answer = await reader.readline()
@@ -492,6 +614,7 @@ def call(path: str, cmd: str, args: dict[str, Any] | None = None,
                 from None
         except OSError as exc:
             raise _connect_error(path, exc) from None
+        check_daemon(sock, path)  # before a byte of the request goes out
         buf = bytearray()
         try:
             sock.sendall(line)

@@ -103,7 +103,8 @@ class _Runner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, daemon, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload, daemon)
-        control = ControlServer(daemon.control_ops(), self.config.socket)
+        control = ControlServer(daemon.control_ops(), self.config.socket,
+                                self.config.control_group)
         try:
             await control.start()  # refuses to start when another daemon owns the socket
         except BaseException:

@@ -374,11 +374,20 @@ class GatedListener:
         self._resume: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        """Bind and listen (OSError as socket.create_server raises it)."""
+        """Bind and listen (an OSError with the plain strerror if that fails)."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.sock = socket.create_server((self.host, self.port), family=family,
-                                         backlog=self.backlog)
-        self.sock.setblocking(False)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # as asyncio.start_server did: address reuse, an IPv6 socket for IPv6 only
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
         if self.port == 0:
             self.port = self.sock.getsockname()[1]
         self._loop = asyncio.get_running_loop()

@@ -534,7 +534,8 @@ def _connect_error(path: str, exc: OSError) -> ControlError:
         return _not_running(path)
     if isinstance(exc, PermissionError):
         return ControlError(f"permission denied on {path}: the control socket is root's "
-                            "(run nftsync ctl as root)")
+                            "(run nftsync ctl as root, or as a member of the daemon's "
+                            "control_group)")
     return ControlError(f"cannot connect to {path}: {exc.strerror or exc}")
 
 

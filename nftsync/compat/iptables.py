@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nftsync.errors import NftsyncError
+from nftsync.files import FileRefused, read_regular
 
 MAX_FILE = 1 << 20
 MAX_BACKENDS = 256
@@ -196,13 +197,12 @@ def parse_farm(data: dict, source: str = "<farm>") -> LegacyFarm:
 def load_farm(path: str | Path) -> LegacyFarm:
     """Read a farm description (.toml, or .json) with a size bound."""
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            raw = f.read(MAX_FILE + 1)
+    try:  # without blocking: a FIFO named here must not hang the daemon's start (issue 13)
+        raw = read_regular(p, "legacy farm file", MAX_FILE)
+    except FileRefused as exc:
+        raise FarmError(str(exc)) from None
     except OSError as exc:
         raise FarmError(f"{p}: {exc.strerror}") from exc
-    if len(raw) > MAX_FILE:
-        raise FarmError(f"{p}: larger than {MAX_FILE} bytes")
     try:
         text = raw.decode()
         data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)

@@ -73,6 +73,17 @@ def test_fifo_as_key_is_refused_at_once(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "is a FIFO (named pipe), not a regular file" in proc.stderr
 
 
+def test_fifo_as_legacy_farm_is_refused_at_once(tmp_path: Path, key: Path) -> None:
+    fifo = tmp_path / "legacy.toml"
+    os.mkfifo(fifo)
+    conf = tmp_path / "nftsync.toml"
+    conf.write_text(f'node_name = "lb1"\nkey_file = "{key}"\nlegacy_farms = ["{fifo}"]\n')
+    proc = check("--config", str(conf))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"nftsync: error: {conf}: legacy_farms[0]: legacy farm file {fifo} "
+                           "is a FIFO (named pipe), not a regular file\n")
+
+
 def test_directory_as_config_or_key(tmp_path: Path, key: Path) -> None:
     d = tmp_path / "conf.d"
     d.mkdir()

@@ -57,6 +57,7 @@ FD_RESERVE = 128
 #: opened later past it (the lowest free number is always the one given).
 FD_SETSIZE = 1024
 FD_RECOUNT_S = 1.0  # /proc/self/fd is listed at most this often; admissions are added between
+FD_RECOUNT_NEAR_S = 0.1  # ... or this often while the estimate says the reserve is reached
 ACCEPT_BATCH = 64  # connections accepted per wakeup of the listening socket
 EMFILE_PAUSE_S = 1.0  # accept() itself ran out of descriptors: stop accepting this long
 LOG_INTERVAL_S = 10.0  # refusals beyond LOG_EACH in an interval are summarised at its end
@@ -116,8 +117,11 @@ def cause_of(exc: BaseException) -> str:
 class FdBudget:
     """How many descriptors are open, against the limit minus the reserve.
 
-    Counting is cheap: /proc/self/fd is listed at most every FD_RECOUNT_S, and each admission
-    since is added (closes are not subtracted until the next listing: the estimate errs high).
+    Counting is cheap: /proc/self/fd is listed at most every FD_RECOUNT_S, and between two
+    listings each admission is added and each connection closed after a failed handshake taken
+    off (one that proved the key keeps its descriptor). When the estimate says the reserve is
+    reached, the list is read again first (at most every FD_RECOUNT_NEAR_S), so a burst of
+    short-lived connections is not refused on an estimate alone.
     """
 
     def __init__(self, reserve: int = FD_RESERVE, clock: Callable[[], float] = time.monotonic,
@@ -131,21 +135,25 @@ class FdBudget:
         self._counted_at = -1e9
         self._added = 0
 
-    def open_now(self) -> int:
+    def open_now(self, max_age: float = FD_RECOUNT_S) -> int:
         now = self.clock()
-        if now - self._counted_at >= FD_RECOUNT_S:
+        if now - self._counted_at >= max_age:
             with contextlib.suppress(OSError):  # no /proc: keep the estimate
                 self._counted = len(os.listdir("/proc/self/fd"))
                 self._added = 0
             self._counted_at = now
-        return self._counted + self._added
+        return max(0, self._counted + self._added)
 
     def room(self) -> bool:
         """May one more inbound connection be held?"""
-        return self.open_now() < self.limit - self.reserve
+        bound = self.limit - self.reserve
+        return self.open_now() < bound or self.open_now(FD_RECOUNT_NEAR_S) < bound
 
     def took(self) -> None:
         self._added += 1
+
+    def gave_back(self) -> None:
+        self._added -= 1
 
     def as_dict(self) -> dict[str, int]:
         return {"open": self.open_now(), "limit": self.limit, "soft_limit": self.soft,
@@ -308,6 +316,7 @@ class Gate:
     def failed(self, ticket: Ticket, exc: BaseException) -> str:
         """The handshake failed: one line (rate-bounded) and a count; returns the cause."""
         self.release(ticket)
+        self.fds.gave_back()  # the caller closes it
         cause = cause_of(exc)
         self.refused[cause] += 1
         level = logging.ERROR if cause in ("auth", "timeout", "tls") else logging.WARNING
@@ -401,6 +410,7 @@ class GatedListener:
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
+        self.gate.log.flush()  # what a summary would have said at the end of its interval
         # Connections being served finish on their own: a handshake within its deadline, a
         # link when Links.close() closes it.
 

@@ -128,6 +128,15 @@ def test_fd_reserve_refuses_before_the_limit():
     assert [t is not None for t in got] == [True, True, True, False, False]
     assert g.refused["fd_reserve"] == 2
     assert g.stats()["fds"]["limit"] == open_now + 13
+    # Near the reserve the list is read again after 0.1 s, not 1 s: these five admissions
+    # opened no descriptor, so there is room again.
+    clock.now += 0.1
+    assert g.admit("10.0.0.2", 1) is not None
+    # A failed handshake gives its descriptor back at once, without a new listing.
+    before = fds.open_now()
+    for t in got[:3]:
+        g.failed(t, ProtocolError("bad magic"))
+    assert fds.open_now() == before - 3
 
 
 def test_fd_limit_is_bounded_by_select():

@@ -29,6 +29,7 @@ from nftsync.proto import (
 from .config import DaemonConfig
 from .gate import Gate, GatedListener, Ticket
 from .peer import PeerLink, Replicator, record_key
+from .tls import TlsSettings, describe_failure, start_server_tls, tls_failure
 
 log = logging.getLogger("nftsync.daemon")
 
@@ -51,6 +52,9 @@ class Links:
         # Inbound connections until they prove the key: caps, deadline, fd budget, counts.
         self.gate = Gate()
         self._listener: GatedListener | None = None
+        # Mutual TLS (None: plain TCP). Turned on or off only by a restart; a reload re-reads
+        # the files (set_peers), for the connections made from then on.
+        self.tls: TlsSettings | None = config.tls
 
     def all(self) -> list[PeerLink]:
         return [*self.dialled.values(), *self.inbound]
@@ -129,6 +133,12 @@ class Links:
         """A reload: dial the peers that were added, drop those that were removed."""
         self.config = config
         self.gate.set_peers(p.host for p in config.peers)
+        if (config.tls is None) != (self.tls is None):
+            log.warning("TLS on the sync link is turned %s only on restart; still %s",
+                        "off" if config.tls is None else "on",
+                        "plain TCP" if self.tls is None else "TLS")
+        else:
+            self.tls = config.tls
         old = set(self.dialled)
         new = {str(p): p for p in config.peers}
         for name in old - set(new):
@@ -177,14 +187,20 @@ class Links:
             link.state = "connecting"
             try:
                 ch = await Channel.connect(link.host, link.port, self.identity, cfg.key,
-                                           timeout=max(2.0, cfg.peer_timeout))
+                                           timeout=max(2.0, cfg.peer_timeout),
+                                           ssl_context=self.tls and self.tls.client)
             except AuthError as exc:
                 link.stats.auth_failures += 1
                 self.auth_failures += 1
                 link.last_error = f"authentication failed: {exc}"
                 log.error("peer %s: %s", link.name, link.last_error)
             except (ConnectionClosed, ProtocolError, OSError) as exc:
-                link.last_error = str(exc)
+                error = str(exc)
+                if self.tls is not None and tls_failure(exc):
+                    error = f"TLS: {describe_failure(exc, link.host)}"
+                    if error != link.last_error:  # once, not at every redial
+                        log.error("peer %s: %s", link.name, error)
+                link.last_error = error
             else:
                 link.node_id = ch.peer.node_id  # who this address is, from now on
                 other = self._serving(link)
@@ -215,6 +231,8 @@ class Links:
         peername = writer.get_extra_info("peername")
         try:
             async with asyncio.timeout(self.gate.deadline):
+                if self.tls is not None:  # unauthenticated too: within the gate's deadline
+                    await start_server_tls(writer, self.tls)
                 ch = await Channel.accept(reader, writer, self.identity, self.config.key,
                                           timeout=self.gate.deadline)
         except (AuthError, ConnectionClosed, ProtocolError, OSError) as exc:

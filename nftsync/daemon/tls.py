@@ -64,6 +64,10 @@ _ALERTS = {
 }
 
 
+CLOSED = ("it closed the connection in the TLS handshake (did it refuse our certificate? its log "
+          "says why)")
+
+
 class TlsError(NftsyncError):
     """A TLS file or setting is unusable; `key` is the configuration key it is about."""
 
@@ -279,21 +283,27 @@ def _ssl_text(exc: ssl.SSLError) -> str:
     return str(exc.reason or exc.strerror or exc).replace("_", " ").lower()
 
 
-def _find_ssl_error(exc: BaseException | None) -> ssl.SSLError | None:
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, ssl.SSLError):
+def _in_chain(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """`exc` or what it was raised from or during (Channel wraps errors `from None`)."""
+    for _ in range(8):
+        if exc is None or isinstance(exc, kind):
             return exc
         exc = exc.__cause__ or exc.__context__
-        seen += 1
     return None
+
+
+def tls_failure(exc: BaseException) -> bool:
+    """Did a dial over TLS fail in TLS (an SSLError somewhere in the chain), or end in the peer
+    hanging up during the handshake (with TLS 1.3 the server checks our certificate after our
+    side of the TLS handshake is done, and asyncio closes without sending its alert)?"""
+    return _in_chain(exc, ssl.SSLError) is not None or _in_chain(exc, EOFError) is not None
 
 
 def describe_failure(exc: BaseException, dialled: str | None = None) -> str:
     """One line for a TLS handshake that failed with `exc` (seen from either side; `dialled`: the
     address we dialled, when we did): what the peer's certificate lacked, that the peer does not
     speak TLS, that it refused ours, or that it went away."""
-    err = _find_ssl_error(exc)
+    err = _in_chain(exc, ssl.SSLError)
     if isinstance(err, ssl.SSLCertVerificationError):
         code = err.verify_code
         if code == _EXPIRED:
@@ -315,18 +325,21 @@ def describe_failure(exc: BaseException, dialled: str | None = None) -> str:
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return "it sent no certificate"
         if reason in ("UNEXPECTED_EOF_WHILE_READING", "EOF"):
-            return "it closed the connection during the TLS handshake (does it speak TLS?)"
+            return CLOSED
         return f"TLS error: {_ssl_text(err)}"
     if isinstance(exc, (ConnectionAbortedError, TimeoutError)):
         return f"no TLS handshake within {HANDSHAKE_TIMEOUT:g}s"
-    if isinstance(exc, ConnectionError):
-        return "it closed the connection during the TLS handshake (does it speak TLS?)"
+    if isinstance(exc, ConnectionError) or _in_chain(exc, EOFError) is not None:
+        return CLOSED
     return str(exc) or type(exc).__name__
 
 
 class TlsRefused(ssl.SSLError):
     """An accepted connection's TLS handshake failed; the message is describe_failure()'s line.
     An SSLError, so that whoever counts refusals by kind counts it as TLS."""
+
+    def __str__(self) -> str:  # SSLError's own shows the args tuple
+        return str(self.args[0]) if self.args else "TLS handshake failed"
 
 
 async def start_server_tls(writer: asyncio.StreamWriter, settings: TlsSettings) -> None:

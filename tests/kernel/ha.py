@@ -167,6 +167,10 @@ class Ha:
                 out.append((int(pid_s), start))
         return out
 
+    def conf(self, node: str) -> str:
+        """The keepalived configuration ha.sh generated for `node` from the shipped recipe."""
+        return (self.state_dir / f"{node}.conf").read_text()
+
     def state(self, node: str) -> str:
         """keepalived's own last word on its state ("MASTER", "BACKUP", "FAULT", "unknown")."""
         try:

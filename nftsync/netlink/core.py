@@ -356,13 +356,19 @@ class NetlinkSocket:
         return self._view[:n]
 
     def recv_blocking(self, timeout: float | None = 5.0) -> memoryview | None:
-        """Like `recv()` but wait up to `timeout` seconds for a datagram (None on timeout)."""
+        """Like `recv()` but wait up to `timeout` seconds for a datagram (None on timeout).
+
+        poll(), not select(): select() cannot watch a descriptor numbered 1024 or more, which a
+        daemon with a raised fd limit and many connections reaches.
+        """
         import select
 
         mv = self.recv()
         if mv is not None:
             return mv
-        ready, _, _ = select.select([self.sock], [], [], timeout)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        ready = poller.poll(None if timeout is None else max(timeout, 0.0) * 1000)
         return self.recv() if ready else None
 
     def __iter__(self) -> Iterator[memoryview]:

@@ -290,6 +290,8 @@ def test_readiness(pair_ns: dict[str, str], tmp_path: Path) -> None:
 
         # READY=1 came once A accepted connections on its peer port, after STATUS=starting.
         wait_for(lambda: note.count("READY=1"), 30, "READY=1")
+        # The reader thread counts READY=1 before its callback has tried the port: wait for that.
+        wait_for(lambda: listening_at_ready, 10, "the port check made at READY=1")
         assert listening_at_ready == [True]
         statuses = note.statuses()
         assert statuses[0].startswith("starting")
@@ -347,7 +349,7 @@ def test_readiness(pair_ns: dict[str, str], tmp_path: Path) -> None:
         assert f"{peer} applied: {B_SESSIONS} entries, {B_SESSIONS} written" in log
         assert " sent: " in log and "health: ok (was syncing" in log
         peers = a.call("peers")
-        assert [(p["version"], p["protocol"]) for p in peers] == [(B_VERSION, 1)]
+        assert [(p["version"], p["protocol"]) for p in peers] == [(B_VERSION, PROTOCOL_VERSION)]
         assert b.a_version == __version__
 
         # -- the watchdog: keep-alives from the loop, none while it is stopped ---------------

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from nftsync import __version__
 from nftsync.conntrack import CtEntry
 from nftsync.daemon import metrics
 from nftsync.daemon.config import DaemonConfig
@@ -24,6 +25,7 @@ from nftsync.daemon.metrics import ConnectionCount, MetricsServer, render
 from nftsync.daemon.peer import PeerLink
 from nftsync.daemon.promtext import Exposition, Histogram, escape_label, format_value
 from nftsync.model import Farm, MapRef, Role, SessionMap
+from nftsync.proto import PROTOCOL_VERSION
 
 # -- a small parser of the text format: what Prometheus reads ---------------------------------
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
@@ -160,7 +162,8 @@ def test_the_exposition_says_what_ctl_says() -> None:
     text = asyncio.run(scrape())
     s = parse(text)
     stats, status, peers = d.stats(), d.status(), {p["name"]: p for p in d.peers()}
-    assert value(s, "nftsync_build_info", version="0.1.0", protocol="1") == 1
+    assert value(s, "nftsync_build_info", version=__version__,
+                 protocol=str(PROTOCOL_VERSION)) == 1
     assert value(s, "nftsync_health", state=status["health"]) == 1
     assert sum(v for (n, _), v in s.items() if n == "nftsync_health") == 1
     assert value(s, "nftsync_role", role="active") == 1

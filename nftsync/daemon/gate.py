@@ -52,10 +52,8 @@ HANDSHAKE_DEADLINE_S = 5.0
 #: Descriptors kept for everything but inbound sync connections: the control socket's clients
 #: (it holds up to 128 waiting), the metrics endpoint's (16), the kernel writers' sockets.
 FD_RESERVE = 128
-#: netlink's blocking reads use select(), which cannot watch a descriptor >= 1024: the budget is
-#: counted against min(soft limit, this), so inbound connections never push a kernel socket
-#: opened later past it (the lowest free number is always the one given).
-FD_SETSIZE = 1024
+#: What an unlimited RLIMIT_NOFILE is counted as (nothing here uses select(): no 1024 ceiling).
+FD_UNLIMITED = 1 << 20
 FD_RECOUNT_S = 1.0  # /proc/self/fd is listed at most this often; admissions are added between
 FD_RECOUNT_NEAR_S = 0.1  # ... or this often while the estimate says the reserve is reached
 ACCEPT_BATCH = 64  # connections accepted per wakeup of the listening socket
@@ -129,8 +127,8 @@ class FdBudget:
         self.reserve = reserve
         self.clock = clock
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if limit is None else limit
-        self.soft = soft if soft != resource.RLIM_INFINITY else FD_SETSIZE
-        self.limit = min(self.soft, FD_SETSIZE)
+        self.soft = soft if soft != resource.RLIM_INFINITY else FD_UNLIMITED
+        self.limit = self.soft
         self._counted = 0
         self._counted_at = -1e9
         self._added = 0

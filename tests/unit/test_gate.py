@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 
 import pytest
@@ -139,9 +140,10 @@ def test_fd_reserve_refuses_before_the_limit():
     assert fds.open_now() == before - 3
 
 
-def test_fd_limit_is_bounded_by_select():
-    assert FdBudget(limit=65536).limit == gate_mod.FD_SETSIZE
+def test_fd_limit_is_the_soft_limit():
+    assert FdBudget(limit=65536).limit == 65536
     assert FdBudget(limit=300).limit == 300
+    assert FdBudget(limit=resource.RLIM_INFINITY).limit == gate_mod.FD_UNLIMITED
 
 
 def test_refusal_log_is_bounded_and_summarised(caplog):

@@ -31,7 +31,10 @@ FTFW/UDP, DisableExternalCache On: the reference configuration in `CONNTRACKD_CO
    empty ("—") instead of failing the run.
 
 Run as root: `.venv/bin/python benchmarks/bench_replication.py [--sizes 10000,100000,1000000]
-[--rates 10000,40000] [--resync 1000000] [--startup 1000000]`. The table at the end puts the
+[--rates 10000,40000] [--resync 1000000] [--startup 1000000] [--tls]`. With `--tls` the
+nftsync pair runs a second time (throughput, lag, resync) with mutual TLS on its link (a private
+CA and certificates made by openssl, tests/kernel/pki.py), and a last table gives TLS / plain
+ratios from the same run. The table at the end puts the
 figures of both systems of the same run side by side, with the ratio conntrackd / nftsync
 (above 1: nftsync faster, lighter or shorter), and `--json F` writes them all.
 Everything it starts is stopped by pid and both namespaces are deleted at the end, also on
@@ -64,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "kernel"))
 
 import netns  # noqa: E402
+from pki import Ca  # noqa: E402
 
 from nftsync.conntrack import CtEntry  # noqa: E402
 from nftsync.netlink.core import (  # noqa: E402
@@ -320,8 +324,14 @@ class Lab:
 class NftsyncPair:
     name = "nftsync"
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, tls: bool = False) -> None:
         self.lab = lab
+        # --tls: a private CA and one certificate per side (its sync IP in subjectAltName), made
+        # by openssl as docs/daemon.md shows; the daemons get --tls-cert/--tls-key/--tls-ca.
+        self.tls: dict[str, tuple[str, ...]] = {}
+        if tls:
+            ca = Ca.create(lab.workdir / "pki", "bench-ca")
+            self.tls = {side: ca.node(f"bench-{side}", ADDR[side]).flags() for side in ADDR}
         self.key = lab.workdir / "key"
         if not self.key.exists():
             fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -344,7 +354,7 @@ class NftsyncPair:
                "--peer", f"{peer}:7777", "--key-file", str(self.key),
                "--socket", str(self.sock(side)), "--node-name", f"bench-{side}",
                "--node-id", str(node_id), "--cluster", "bench",
-               "--role", "active" if side == "a" else "backup"]
+               "--role", "active" if side == "a" else "backup", *self.tls.get(side, ())]
         if REALTIME:
             conf = self.lab.workdir / "nftsync-realtime.toml"
             conf.write_text(f"realtime_priority = {REALTIME}\n")
@@ -874,6 +884,9 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--logs", type=Path, help="copy the daemons' logs here at the end")
     ap.add_argument("--profile", type=Path, help="py-spy the nftsync daemons into this dir")
+    ap.add_argument("--tls", action="store_true",
+                    help="also run the nftsync pair with mutual TLS (a CA and certificates made "
+                    "with openssl), after the plain one, and print TLS / plain ratios")
     ap.add_argument("--realtime", type=int, default=0, metavar="N",
                     help="run the nftsync daemons with realtime_priority = N (SCHED_RR, as "
                     "conntrackd runs by default at 99); 0: SCHED_OTHER")
@@ -890,15 +903,20 @@ def main() -> int:
                                  "load_before": os.getloadavg()},
                      "args": {"sizes": sizes, "rates": rates, "seconds": args.seconds,
                               "resync": args.resync, "startup": args.startup,
-                              "realtime": args.realtime}}
+                              "realtime": args.realtime, "tls": args.tls}}
+    systems = args.systems.split(",")
+    if args.tls:
+        at = systems.index("nftsync") + 1 if "nftsync" in systems else len(systems)
+        systems.insert(at, "nftsync-tls")
     with tempfile.TemporaryDirectory(prefix="bench-repl-") as tmp:
         lab = Lab(Path(tmp))
         try:
             lab.up()
             if sizes:
                 lab.ensure_ct_max(max(sizes))
-            for sysname in args.systems.split(","):
-                pair = NftsyncPair(lab) if sysname == "nftsync" else ConntrackdPair(lab)
+            for sysname in systems:
+                pair = NftsyncPair(lab, tls=sysname == "nftsync-tls") \
+                    if sysname.startswith("nftsync") else ConntrackdPair(lab)
                 r = results.setdefault(sysname, {})
                 if "throughput" not in skip:
                     for n in sizes:
@@ -910,7 +928,7 @@ def main() -> int:
                         res = steady_lag(lab, pair, rate, args.seconds)
                         r.setdefault("lag", []).append(res)
                         print(f"[{sysname}] lag at {rate}/s: {res}", flush=True)
-                if sysname == "nftsync" and args.resync:
+                if sysname.startswith("nftsync") and args.resync:
                     res = resync(lab, pair, args.resync, timeout=300)
                     r["resync"] = res
                     print(f"[{sysname}] resync: {res}", flush=True)
@@ -927,6 +945,8 @@ def main() -> int:
             lab.down()
     results["machine"]["load_after"] = os.getloadavg()
     print_table(results)
+    if "nftsync-tls" in results:
+        print_tls_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -1036,6 +1056,41 @@ def print_table(results: dict) -> None:
             ("" if r["a_sessions_s"] is not None else short))
         row(f"start-up beside {m}: A's peak RSS (VmHWM) / RSS settled",
             f"{mib(r['a_hwm_kib'])} / {mib(r['a_rss_settled_kib'])}")
+
+
+def print_tls_table(results: dict) -> None:
+    """The cost of TLS: the nftsync pair's figures plain and with --tls, from the same run."""
+    plain, tls = results.get("nftsync", {}), results["nftsync-tls"]
+
+    def ratio_tls(t, p) -> str:
+        return fmt(t / p if t is not None and p else None, "×")
+
+    print("\n| measure (nftsync) | plain TCP | mutual TLS 1.3 | TLS / plain |")
+    print("|---|---|---|---|")
+    pt = {x["n"]: x for x in plain.get("throughput", [])}
+    for x in tls.get("throughput", []):
+        p = pt.get(x["n"], {})
+        for key, label in (("ct_s", "conntrack entries"), ("sessions_s", "sessions")):
+            print(f"| {x['n']} {label} on B | {fmt(p.get(key), ' s')} | "
+                  f"{fmt(x.get(key), ' s')} | {ratio_tls(x.get(key), p.get(key))} |")
+        pc, tc = sum(p.get("cpu_s") or [0]) or None, sum(x.get("cpu_s") or [0]) or None
+        print(f"| {x['n']}: CPU of both daemons over the load | {fmt(pc, ' s')} | "
+              f"{fmt(tc, ' s')} | {ratio_tls(tc, pc)} |")
+    pl = {x["rate"]: x for x in plain.get("lag", [])}
+    for x in tls.get("lag", []):
+        p = pl.get(x["rate"], {})
+        print(f"| rate achieved, asked {x['rate']}/s | {p.get('achieved_rate', '—')}/s | "
+              f"{x.get('achieved_rate', '—')}/s | |")
+        for key in ("p50_ms", "p99_ms", "max_ms"):
+            print(f"| lag {key[:-3]} at {x['rate']}/s | {fmt(p.get(key), ' ms')} | "
+                  f"{fmt(x.get(key), ' ms')} | {ratio_tls(x.get(key), p.get(key))} |")
+        print(f"| CPU of both daemons at {x['rate']}/s (% of one core) | "
+              f"{fmt(p.get('cpu_pct'), ' %', 1)} | {fmt(x.get('cpu_pct'), ' %', 1)} | "
+              f"{ratio_tls(x.get('cpu_pct'), p.get('cpu_pct'))} |")
+    if "resync" in tls:
+        p, t = plain.get("resync", {}).get("resync_s"), tls["resync"]["resync_s"]
+        print(f"| full resync of {tls['resync']['m']} sessions | {fmt(p, ' s')} | "
+              f"{fmt(t, ' s')} | {ratio_tls(t, p)} |")
 
 
 if __name__ == "__main__":

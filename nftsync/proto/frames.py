@@ -457,6 +457,9 @@ def parse_header(data: bytes | memoryview) -> FrameHeader:
         raise ProtocolError("frame header has the wrong size")
     magic, version, mtype, flags, length, counter = HEADER.unpack(data)
     if magic != MAGIC:
+        if data[0] == 0x16 and data[1] == 0x03:  # a TLS handshake record: a ClientHello
+            raise ProtocolError("bad frame magic: the peer speaks TLS (is tls_* set there but "
+                                "not here?)")
         raise ProtocolError("bad frame magic (not an nftsync peer?)")
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"frame payload of {length} bytes exceeds the {MAX_PAYLOAD} limit")

@@ -731,3 +731,13 @@ def test_full_size_frames_cross_the_channel() -> None:
             assert got == recs
 
     run(main())
+
+
+def test_a_tls_client_hello_on_a_plain_link_is_named_as_such():
+    from nftsync.proto.frames import HEADER_LEN, parse_header
+
+    hello = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03])
+    with pytest.raises(ProtocolError, match="the peer speaks TLS"):
+        parse_header(hello.ljust(HEADER_LEN, b"\0"))
+    with pytest.raises(ProtocolError, match=r"not an nftsync peer\?"):
+        parse_header(b"GET / HTTP/1.1\r\n\r\n\0\0")

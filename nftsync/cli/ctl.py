@@ -13,7 +13,8 @@ from nftsync.cli.progress import Progress
 from nftsync.daemon import control
 from nftsync.daemon.config import DEFAULT_SOCKET
 
-#: `nftsync ctl status` exit codes, as monitoring plugins (Nagios, keepalived track scripts)
+#: `nftsync ctl status` exit codes, as monitoring plugins (Nagios, Icinga checks; never a
+#: keepalived track script: contrib/keepalived/README.md)
 #: read them: 0 ok, 1 degraded, starting or syncing (warning: it serves, replication is not
 #: whole), 2 failing (critical), 3 no answer (unknown).
 HEALTH_EXIT = {"ok": 0, "degraded": 1, "starting": 1, "syncing": 1, "failing": 2}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up nftsync on a fresh Debian 12 machine, idempotently (run as root):
 #   - Debian packages: nftables, python3-nftables (libnftables' Python binding), conntrack,
-#     iptables, iproute2, keepalived, conntrackd (benchmark comparisons), util-linux (unshare);
+#     iptables, iproute2, keepalived, conntrackd (benchmark comparisons), util-linux (unshare),
+#     haproxy (its stick tables are what docs/l7.md replicates; benchmarks/bench_haproxy.py);
 #     what scripts/build-deb.sh and its test need (debhelper, dh-python, mmdebstrap, lintian...);
 #     prometheus (promtool checks the alert rules and the metrics text, tests/kernel/test_metrics.py
 #     runs a Prometheus server in a namespace to scrape a daemon).
@@ -19,7 +20,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 packages=(nftables python3-nftables python3-venv conntrack conntrackd iptables iproute2
-          keepalived util-linux procps)
+          keepalived util-linux procps haproxy)
 # The Debian package (scripts/build-deb.sh) and its test (tests/kernel/test_package.py, which
 # installs it into a clean bookworm root made by mmdebstrap): build dependencies, lintian, groff.
 packages+=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all
@@ -36,9 +37,9 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# keepalived and conntrackd are started by the lab and the benchmarks in namespaces, prometheus
-# by tests/kernel/test_metrics.py, never as system services.
-for svc in keepalived conntrackd prometheus; do
+# keepalived, conntrackd and haproxy are started by the lab and the benchmarks in namespaces,
+# prometheus by tests/kernel/test_metrics.py, never as system services.
+for svc in keepalived conntrackd prometheus haproxy; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 

@@ -218,6 +218,17 @@ panel("timeseries", "Peer records refused, by cause", [
     (f"increase(nftsync_peer_records_refused_total{{{SEL}}}{R})", "{{instance}} {{cause}}"),
     (f"increase(nftsync_capped_expiry_total{{{SEL}}}{R})", "{{instance}} expiry capped")],
     desc="Records from peers the replica refused (docs/protocol.md, Replication semantics).")
+panel("timeseries", "Inbound connections: strangers", [
+    (f"increase(nftsync_inbound_refused_total{{{SEL}}}{R})", "{{instance}} refused: {{cause}}"),
+    (f"increase(nftsync_inbound_authenticated_total{{{SEL}}}{R})", "{{instance}} authenticated"),
+    (f"nftsync_inbound_unauthenticated{{{SEL}}}", "{{instance}} in handshake now")],
+    desc="Connections to the sync port refused before or during the handshake, by cause "
+    "(docs/daemon.md, Exposure to strangers).")
+panel("timeseries", "File descriptors", [
+    (f"nftsync_open_fds{{{SEL}}}", "{{instance}} open"),
+    (f"nftsync_fd_limit{{{SEL}}}", "{{instance}} limit")],
+    desc="Inbound connections are refused while fewer than 128 would remain, so the control "
+    "socket always answers.")
 endrow()
 
 row("Kernel")

@@ -252,10 +252,11 @@ def _handshake_with_itself(server: ssl.SSLContext, client: ssl.SSLContext, cert:
                     obj.do_handshake()
                     pending[obj] = False
                 except ssl.SSLWantReadError:
-                    pass
+                    pending[obj] = True  # it waits for the other side's next flight
                 except ssl.SSLCertVerificationError as exc:
-                    raise TlsError("tls_cert", f"{cert}: {_verify_text(exc)} (checked against "
-                                   f"tls_ca {ca}, as the peers will)") from None
+                    why = _verify_text(exc) or exc.verify_message
+                    raise TlsError("tls_cert", f"{cert}: {why} (checked against tls_ca {ca}, "
+                                   "as the peers will)") from None
                 except ssl.SSLError as exc:
                     raise TlsError("tls_cert", f"{cert}: a TLS handshake with itself failed: "
                                    f"{_ssl_text(exc)}") from None
@@ -268,15 +269,17 @@ def _handshake_with_itself(server: ssl.SSLContext, client: ssl.SSLContext, cert:
     raise TlsError("tls_cert", f"{cert}: a TLS handshake with itself did not complete")
 
 
-def _verify_text(exc: ssl.SSLCertVerificationError) -> str:
+def _verify_text(exc: ssl.SSLCertVerificationError, whose: str = "the",
+                 ca: str = "tls_ca") -> str | None:
+    """What a certificate refused by verification lacked, for the common causes (None: other)."""
     code = exc.verify_code
     if code == _EXPIRED:
-        return "the certificate has expired"
+        return f"{whose} certificate has expired"
     if code == _NOT_YET_VALID:
-        return "the certificate is not valid yet (check the clock)"
+        return f"{whose} certificate is not valid yet (check the clocks)"
     if code in _UNKNOWN_ISSUER:
-        return "the certificate is not signed by tls_ca"
-    return str(exc.verify_message)
+        return f"{whose} certificate is not signed by {ca}"
+    return None
 
 
 def _ssl_text(exc: ssl.SSLError) -> str:
@@ -305,14 +308,10 @@ def describe_failure(exc: BaseException, dialled: str | None = None) -> str:
     speak TLS, that it refused ours, or that it went away."""
     err = _in_chain(exc, ssl.SSLError)
     if isinstance(err, ssl.SSLCertVerificationError):
-        code = err.verify_code
-        if code == _EXPIRED:
-            return "its certificate has expired"
-        if code == _NOT_YET_VALID:
-            return "its certificate is not valid yet (check the clocks)"
-        if code in _UNKNOWN_ISSUER:
-            return "its certificate is not signed by our tls_ca"
-        if code in _NAME_MISMATCH:
+        common = _verify_text(err, "its", "our tls_ca")
+        if common:
+            return common
+        if err.verify_code in _NAME_MISMATCH:
             return (f"its certificate does not name {dialled or 'the address dialled'} in "
                     "subjectAltName")
         return f"its certificate was refused: {err.verify_message}"

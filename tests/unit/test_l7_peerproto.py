@@ -22,8 +22,22 @@ CAP_DEFINE_WEB = bytes.fromhex("0a820f" "01" "03") + b"web" + bytes.fromhex(
 CAP_UPDATE_WEB = bytes.fromhex("0a800f" "00000001" "7f000032" "01" "05" "01" "03") + b"be1"
 # HAProxy's ack of our update 2 of our table 1.
 CAP_ACK = bytes.fromhex("0a8405" "01" "00000002")
-# Filled in from the namespace run (tests/kernel/test_l7_haproxy_peer.py prints them).
-CAP_EXTRA: list[tuple[str, str]] = []
+# Captured in tests/kernel/test_l7_haproxy_peer.py's namespace (HAProxy -> peer, raw stream):
+# two requests from 127.0.0.50 (DEFINE web, update with the name, two with the cached id);
+CAP_LIVE_IP = bytes.fromhex(
+    "0a820f01037765620404f1f1fe00f0e5ed05" "0a800f000000017f00003201050103626531"
+    "0a800b000000027f000032010101" "0a800b000000037f000032010101")
+# then a request with `X-Session: sess 42;x` (string len 64 -> 65; the name cache is shared by
+# the tables of one connection: id 1 alone is still "be1");
+CAP_LIVE_STRING = bytes.fromhex(
+    "0a821302077765625f6864720641f1f1fe00f0e5ed05" "0a80110000000109736573732034323b78010101")
+# and a restarted HAProxy: RESYNCREQ, its (empty) lesson to us: both DEFINEs then
+# RESYNCPARTIAL (a new process is not up to date itself), RESYNCCONFIRM of our lesson, a
+# DEFINE again and a live update of 127.0.0.51.
+CAP_RESTART = bytes.fromhex(
+    "0000" "0a820f01037765620404f1f1fe00f0e5ed05"
+    "0a821302077765625f6864720641f1f1fe00f0e5ed05" "0002" "0003"
+    "0a820f01037765620404f1f1fe00f0e5ed05" "0a800f000000017f00003301050103626531")
 
 
 def frames(data: bytes) -> list[pp.Message]:
@@ -58,22 +72,46 @@ def test_captured_ack() -> None:
     assert pp.encode_ack(1, 2) == CAP_ACK
 
 
-@pytest.mark.parametrize("label,hexdata", CAP_EXTRA)
-def test_captured_from_namespace_run(label: str, hexdata: str) -> None:
-    """Every captured stream decodes whole into messages; its DEFINEs and updates parse."""
+def decode_stream(data: bytes) -> list[tuple[str, object]]:
+    """A captured stream as HAProxy's receiver reads it: (kind, decoded) per message."""
     dec = pp.FrameDecoder()
+    cache = pp.RxDictCache()
     tables: dict[int, pp.TableDef] = {}
     current = None
-    cache = pp.RxDictCache()
-    last = 0
-    for msg in dec.feed(bytes.fromhex(hexdata)):
-        if msg.type == pp.STKT_DEFINE:
+    last: dict[int, int] = {}
+    out: list[tuple[str, object]] = []
+    for msg in dec.feed(data):
+        if msg.cls == pp.CLASS_CONTROL:
+            out.append(("control", msg.type))
+        elif msg.type == pp.STKT_DEFINE:
             current = pp.decode_define(msg.payload)
             tables[current.table_id] = current
+            out.append(("define", current))
         elif msg.type in pp.UPDATE_TYPES:
-            assert current is not None, label
-            last = pp.decode_update(msg.type, msg.payload, current, cache, last).update_id
-    assert dec.buffered == 0, label
+            assert current is not None
+            u = pp.decode_update(msg.type, msg.payload, current, cache,
+                                 last.get(current.table_id, 0))
+            last[current.table_id] = u.update_id
+            out.append((current.name, u))
+    assert dec.buffered == 0
+    return out
+
+
+def test_captured_live_updates() -> None:
+    ip = decode_stream(CAP_LIVE_IP)
+    key = socket.inet_aton("127.0.0.50")
+    assert ip[1:] == [("web", pp.Update(n, key, None, 1, "be1")) for n in (1, 2, 3)]
+    string = decode_stream(CAP_LIVE_IP + CAP_LIVE_STRING)[4:]
+    web_hdr = pp.TableDef(2, "web_hdr", pp.KEY_STR, 65, 0x80001, 1_800_000)
+    assert string == [("define", web_hdr), ("web_hdr", pp.Update(1, b"sess 42;x", None, 1, "be1"))]
+
+
+def test_captured_restart() -> None:
+    kinds = decode_stream(CAP_RESTART)
+    assert kinds[0] == ("control", pp.CTRL_RESYNCREQ)
+    assert [k for k, _ in kinds[1:3]] == ["define", "define"]
+    assert kinds[3:5] == [("control", pp.CTRL_RESYNCPARTIAL), ("control", pp.CTRL_RESYNCCONFIRM)]
+    assert kinds[-1] == ("web", pp.Update(1, socket.inet_aton("127.0.0.51"), None, 1, "be1"))
 
 
 def test_timed_update_we_sent_and_haproxy_applied() -> None:
@@ -320,7 +358,7 @@ def test_fuzz_hello(lines: list[bytes]) -> None:
 @given(st.binary(min_size=1, max_size=60), st.integers(min_value=0, max_value=59))
 def test_fuzz_mutated_capture(noise: bytes, at: int) -> None:
     """Real HAProxy bytes with a stretch overwritten: decoded or refused, never a crash."""
-    stream = bytearray(CAP_DEFINE_WEB + CAP_UPDATE_WEB + CAP_ACK)
+    stream = bytearray(CAP_LIVE_IP + CAP_LIVE_STRING + CAP_ACK)
     at = at % len(stream)
     stream[at:at + len(noise)] = noise
     dec = pp.FrameDecoder()

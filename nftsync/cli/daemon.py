@@ -123,7 +123,12 @@ def describe(config: DaemonConfig) -> dict[str, Any]:
         "key_bytes": len(config.key),
         "tls": config.tls.describe() if config.tls is not None else "off",
         "farms": config.farms, "conntrack": config.conntrack,
-        "legacy_farms": config.legacy_farms, "socket": config.socket, "log_level": config.log_level,
+        "legacy_farms": config.legacy_farms,
+        "haproxy": [{"name": h.name, "admin_socket": h.admin_socket,
+                     "peer_listen": format_endpoint(h.peer_host, h.peer_port),
+                     "local_peer": h.local_peer, "haproxy_peer": h.haproxy_peer,
+                     "tables": list(h.tables)} for h in config.haproxy],
+        "socket": config.socket, "log_level": config.log_level,
         "log_format": config.log_format,
         "timing": {k: getattr(config, k) for k in ("heartbeat_interval", "peer_timeout",
                                                   "reconnect_min", "reconnect_max",
@@ -139,7 +144,12 @@ def _describe_text(d: dict[str, Any]) -> str:
         if isinstance(value, dict):
             lines += [f"  {key}.{k:19} {v}" for k, v in value.items()]
             continue
-        if key == "farms" and value is None:
+        if key == "haproxy":
+            value = "; ".join(f"{h['name']}: tables {', '.join(h['tables'])}, HAProxy peer "
+                              f"{h['haproxy_peer']} dials {h['local_peer']} at "
+                              f"{h['peer_listen']}, admin socket {h['admin_socket']}"
+                              for h in value) or "(none)"
+        elif key == "farms" and value is None:
             value = "(every nftsync farm)"
         elif isinstance(value, list):
             value = ", ".join(value) or "(none)"

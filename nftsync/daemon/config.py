@@ -32,6 +32,7 @@ DEFAULT_PORT = 7777
 DEFAULT_METRICS_PORT = 9477  # docs/metrics.md; not in Prometheus' list of allocated ports
 DEFAULT_SOCKET = "/run/nftsync/nftsync.sock"
 DEFAULT_CONFIG = "/etc/nftsync/nftsync.toml"
+HAPROXY_PREFIX = "haproxy/"  # map_id of a replicated HAProxy stick table: haproxy/<table>
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,20 @@ class PeerConfig:
 
     def __str__(self) -> str:
         return format_endpoint(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class HaproxyConfig:
+    """One `[[haproxy]]`: a local HAProxy whose stick tables nftsync replicates, as a peer of
+    it on loopback (docs/l7.md)."""
+
+    name: str  # a label for logs and `ctl`
+    admin_socket: str  # its `stats socket ... level admin`: server names, `show table`
+    peer_host: str  # where nftsync listens for HAProxy's peers connection (loopback only)
+    peer_port: int
+    local_peer: str  # nftsync's name in HAProxy's `peers` section
+    haproxy_peer: str  # HAProxy's own local peer name (`localpeer`, or its hostname)
+    tables: tuple[str, ...]  # the stick tables replicated, as map_id haproxy/<table>
 
 
 @dataclass(slots=True)
@@ -88,6 +103,8 @@ class DaemonConfig:
     # Mutual TLS on the sync link (tls_cert, tls_key, tls_ca; docs/daemon.md "TLS on the sync
     # link"): the files checked and both contexts built at load time. None: plain TCP.
     tls: TlsSettings | None = None
+    # Local HAProxies whose stick tables are replicated too ([[haproxy]]; docs/l7.md).
+    haproxy: list[HaproxyConfig] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +140,10 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 #: before a missing key file: the cheap, syntactic errors first).
 TOP_KEYS = ("node_name", "node_id", "cluster", "role", "listen", "metrics_listen", "peers",
             "farms", "conntrack", "legacy_farms", "socket", "log_level", "log_format",
-            "realtime_priority", "control_group", *TLS_KEYS,
+            "realtime_priority", "control_group", "haproxy", *TLS_KEYS,
             "key_file")
+#: Keys of one [[haproxy]] table; all required but `name` (default haproxy, haproxy2...).
+HAPROXY_KEYS = ("name", "admin_socket", "peer_listen", "local_peer", "haproxy_peer", "tables")
 #: [timing] keys: (lowest, highest) in seconds; lowest is exclusive except for batch_delay.
 TIMING_KEYS: dict[str, tuple[float, float]] = {
     "heartbeat_interval": (0.0, 60.0),
@@ -278,6 +297,8 @@ def _build(values: dict[str, _Value], config_file: str | None) -> DaemonConfig:
         kw["realtime_priority"] = _realtime_priority(v)
     if (v := got("control_group")) is not None:
         kw["control_group"] = _control_group(v)
+    if (v := got("haproxy")) is not None:
+        kw["haproxy"] = _haproxy(v)
     for key, (lo, hi) in TIMING_KEYS.items():
         if (v := got(key)) is not None:
             kw[key] = _seconds(v, lo, hi, inclusive_low=key == "batch_delay")
@@ -493,6 +514,98 @@ def _farms(v: _Value) -> list[str]:
             raise ConfigError(f"{v.where}[{i}]: farm {item!r} is listed twice")
         out.append(item)
     return out
+
+
+_PEER_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a `peer` name in HAProxy's config
+_TABLE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's proxy/table names
+
+
+def _haproxy(v: _Value) -> list[HaproxyConfig]:
+    """`[[haproxy]]` tables: each HAProxy's admin socket, nftsync's loopback listener for its
+    peers connection, both peer names and the stick tables to replicate (docs/l7.md)."""
+    items = v.value if isinstance(v.value, list) else None
+    if items is None or not all(isinstance(i, dict) for i in items):
+        raise _fail(v, "must be one or more [[haproxy]] tables (admin_socket, peer_listen, "
+                    f"local_peer, haproxy_peer, tables), got {_kind(v.value)}")
+    out: list[HaproxyConfig] = []
+    for i, item in enumerate(items):
+        where = f"{v.where}[{i}]"
+        for key in item:
+            if key not in HAPROXY_KEYS:
+                raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, HAPROXY_KEYS)}")
+        missing = [k for k in HAPROXY_KEYS[1:] if k not in item]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)} (docs/l7.md, \"In the "
+                              "daemon\")")
+
+        def val(key: str, item: dict = item, where: str = where) -> _Value:
+            return _Value(item[key], f"{where}.{key}", v.base)
+
+        name = _str(val("name")) if "name" in item else f"haproxy{i + 1 if i else ''}"
+        if not _CLUSTER_RE.fullmatch(name):
+            raise _fail(val("name"), f"{name!r} must be 1..64 letters, digits, '_', '.' or '-'")
+        admin = _socket_path(val("admin_socket"))
+        host, port = _peer_listen(val("peer_listen"))
+        names = {}
+        for key in ("local_peer", "haproxy_peer"):
+            text = _str(val(key))
+            if not _PEER_NAME_RE.fullmatch(text):
+                raise _fail(val(key), f"{text!r} is not a peer name as HAProxy's `peers` "
+                            "section has it (1..64 letters, digits, '_', '.', ':' or '-')")
+            names[key] = text
+        if names["local_peer"] == names["haproxy_peer"]:
+            raise _fail(val("local_peer"), f"{names['local_peer']!r} is also haproxy_peer: "
+                        "nftsync and HAProxy are two peers with two names")
+        tables = _haproxy_tables(val("tables"))
+        for other in out:
+            if other.name == name:
+                raise _fail(val("name") if "name" in item else val("tables"),
+                            f"a second [[haproxy]] named {name!r}")
+            if (other.peer_host, other.peer_port) == (host, port):
+                raise _fail(val("peer_listen"), f"{format_endpoint(host, port)} is already "
+                            f"the peer_listen of [[haproxy]] {other.name!r}")
+            both = sorted(set(other.tables) & set(tables))
+            if both:
+                raise _fail(val("tables"), f"table(s) {', '.join(both)} also replicated from "
+                            f"[[haproxy]] {other.name!r}: map ids {HAPROXY_PREFIX}<table> must "
+                            "be unique")
+        out.append(HaproxyConfig(name, admin, host, port, names["local_peer"],
+                                 names["haproxy_peer"], tables))
+    return out
+
+
+def _peer_listen(v: _Value) -> tuple[str, int]:
+    """A loopback IP and an explicit port: HAProxy's peers protocol has no authentication, so
+    nothing but this host may reach the listener."""
+    text = _str(v).strip()
+    try:
+        host, port = parse_endpoint(text, 0)
+        addr = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise _fail(v, f"{exc}; expected a loopback IP:PORT such as \"127.0.0.1:10100\"") \
+            from None
+    if not port:
+        raise _fail(v, f"{text!r} has no port; expected e.g. \"127.0.0.1:10100\"")
+    if not addr.is_loopback:
+        raise _fail(v, f"{host} is not a loopback address: HAProxy's peers protocol has no "
+                    "authentication, so nftsync listens for it on 127.0.0.1 (or ::1) only")
+    return host, port
+
+
+def _haproxy_tables(v: _Value) -> tuple[str, ...]:
+    items = v.value if isinstance(v.value, list) else None
+    if not items:
+        raise _fail(v, "must be a non-empty list of stick table names (the backends that "
+                    "declare them), e.g. [\"web\"]")
+    out: list[str] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not _TABLE_RE.fullmatch(item):
+            raise ConfigError(f"{v.where}[{i}]: {item!r} is not a stick table name (1..64 "
+                              "letters, digits, '_', '.', ':' or '-')")
+        if item in out:
+            raise ConfigError(f"{v.where}[{i}]: table {item!r} is listed twice")
+        out.append(item)
+    return tuple(out)
 
 
 def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from nftsync.proto import PROTOCOL_VERSION, Identity
 
 from .config import DaemonConfig
 from .farms import ReplicatedMap
+from .l7 import HaproxyLink, L7Map, build_links
 from .learn import Learner
 from .legacy import LegacyMap
 from .links import Links
@@ -62,6 +63,9 @@ class Daemon:
         self.links = Links(config, Identity(config.cluster, config.node_id, config.node_name),
                            self.replicator, self._stop)
         self.learner = Learner(self.replicator, self.links)
+        # Local HAProxies whose stick tables are replicated ([[haproxy]], daemon/l7.py).
+        self.haproxy: list[HaproxyLink] = build_links(config.haproxy, self.replica,
+                                                      self.links.enqueue)
         self.expired = 0
         self.loop_watch = LoopWatch()
         self.gc_watch = GcWatch()
@@ -83,6 +87,9 @@ class Daemon:
             self.replicator.load_farms()
             self.learner.farms_changed()
             self.replicator.load_legacy()
+            self.replicator.load_l7({m.map_id: m for h in self.haproxy for m in h.maps.values()})
+            for h in self.haproxy:  # early: a starting HAProxy asks us for its tables
+                await h.start()
             # What is linear to read (conntrack, xt_recent) before listening; the maps, whose
             # kernel dump is quadratic (~35 s at 1M), in the background once we listen: what
             # is not read yet is covered by the sessions derived from conntrack and by the
@@ -111,6 +118,8 @@ class Daemon:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.links.close()
+            for h in self.haproxy:
+                await h.close()
             self.learner.close(loop)
             self.replicator.close()
 
@@ -133,6 +142,8 @@ class Daemon:
             self._collect_garbage(now)
             self.replicator.nft_sink.retry_refused()  # refused writes whose cause may be gone
             self._warn_capped()
+            for h in self.haproxy:
+                h.tick()
             try:
                 self.learner.tick()
             except NftsyncError as exc:
@@ -238,13 +249,16 @@ class Daemon:
                 reasons.append(f"peer {lk.name} has not acknowledged updates for "
                                f"{lk.unacked_age():.0f}s (sync stalled)")
         r = self.replicator
-        no_farms = not r.view.farms and not r.legacy
+        no_farms = not r.view.farms and not r.legacy and not r.l7
         if no_farms:
             reasons.append("no nftsync farm is loaded")
         if r.nft_sink.stats.failed or (r.ct_sink and r.ct_sink.stats.failed):
             reasons.append("some replicated changes could not be applied to the kernel "
                            "(see stats)")
         reasons.extend(r.nft_sink.problems())  # refused writes waiting, in words
+        reasons += [f"HAProxy {h.cfg.name} is not connected (it dials {h.cfg.peer_host}:"
+                    f"{h.cfg.peer_port})" for h in self.haproxy
+                    if not grace and h.peer is not None and not h.peer.connected]
         failing = (self.config.peers and not up and not grace) or no_farms
         if failing:
             return "failing", reasons
@@ -266,6 +280,7 @@ class Daemon:
             **({"starting": self.starting()} if self.phase == "starting" else
                {"sync": self.sync()}),
             "startup_read": self.learner.reads.status(),  # per map: read, done, how long
+            **({"haproxy": [h.status() for h in self.haproxy]} if self.haproxy else {}),
         }
 
     def peers(self) -> list[dict]:
@@ -294,6 +309,8 @@ class Daemon:
             "gc": self.gc_watch.as_dict(),  # ... and how much of that the cyclic GC took
             "reads": self.learner.reads.stats(),  # the kernel's conntrack and maps, read
             "last_error": r.last_error,
+            **({"haproxy": {h.cfg.name: h.stats() for h in self.haproxy}} if self.haproxy
+               else {}),
         }
 
     async def resync(self, peer: str | None = None) -> dict:
@@ -319,9 +336,10 @@ class Daemon:
         now = time.monotonic()
         r = self.replicator
         out: dict[str, Any] = {"farms": {}, "conntrack": len(self.replica.conntrack)}
-        shown: list[tuple[str, str, ReplicatedMap | LegacyMap]] = \
+        shown: list[tuple[str, str, ReplicatedMap | LegacyMap | L7Map]] = \
             [(m.smap.farm, m.smap.role.value, m) for m in r.view.maps.values()] + \
-            [(lm.farm.name, f"recent {lm.table.name}", lm) for lm in r.legacy.values()]
+            [(lm.farm.name, f"recent {lm.table.name}", lm) for lm in r.legacy.values()] + \
+            [(m.farm, "stick table", m) for m in r.l7.values()]
         for farm_name, section, target in sorted(shown, key=lambda t: (t[0], t[1])):
             if farm is not None and farm_name != farm:
                 continue
@@ -330,7 +348,9 @@ class Daemon:
             for key, e in table.entries():
                 if len(rows) >= limit:
                     break
-                rows.append({"client": target.key_text(key), "backend": f"{e.value:#x}",
+                backend = f"{e.value:#x}" if not isinstance(target, L7Map) else \
+                    target.link.names.get(e.value, f"id {e.value}")  # type: ignore[call-overload]
+                rows.append({"client": target.key_text(key), "backend": backend,
                              "expires_s": None if e.expires_at is None else
                              round(e.expires_at - now, 1), "origin": e.origin,
                              "updated_ms": e.updated_ms})
@@ -355,6 +375,10 @@ class Daemon:
         if config.role != self.role:
             changes["role"] = (self.promote() if config.role == "active" else self.demote())
         self.learner.reload_farms = True
+        if config.haproxy != [h.cfg for h in self.haproxy]:
+            changes["restart_needed_haproxy"] = "[[haproxy]] changes take effect on restart"
+        for h in self.haproxy:  # servers may have been renamed or added: read the names again
+            h.schedule_refresh()
         log.info("configuration reloaded: %s", changes)
         return changes
 

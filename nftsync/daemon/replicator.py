@@ -24,6 +24,7 @@ from .clock import now_ms
 from .config import DaemonConfig
 from .ctsink import CtSink
 from .farms import FarmView
+from .l7 import ANY_SERVER, L7Map
 from .legacy import LegacyMap, load_legacy_maps
 from .nftsink import NftSink
 from .target import SessionTarget
@@ -41,6 +42,7 @@ class Replicator:
         self.replica = Replica(config.node_id)
         self.view = FarmView()
         self.legacy: dict[str, LegacyMap] = {}  # map_id -> xt_recent table of a legacy farm
+        self.l7: dict[str, L7Map] = {}  # map_id (haproxy/<table>) -> HAProxy stick table
         self.nft = Nft()
         # The sink's own libnftables context: its writes run in the kernel writer thread.
         self.nft_sink = NftSink()
@@ -84,6 +86,13 @@ class Replicator:
             log.info("legacy xt_recent tables: %s", ", ".join(
                 lm.table.name for lm in self.legacy.values()))
 
+    def load_l7(self, maps: dict[str, L7Map]) -> None:
+        """The HAProxy stick tables of [[haproxy]] (daemon/l7.py), fixed until a restart."""
+        self.l7 = dict(maps)
+        self._set_policies()
+        if maps:
+            log.info("HAProxy stick tables: %s", ", ".join(sorted(maps)))
+
     def _set_policies(self) -> None:
         """Tell the replica what each replicated map may hold: its farm's backend marks, its
         size, its timeout (peer records are checked against these)."""
@@ -100,6 +109,10 @@ class Replicator:
             policies[map_id] = MapPolicy(marks=frozenset((lm.mark,)),
                                          capacity=lm.table.capacity,
                                          max_ms=MAX_REMAINING_MS, key_valid=lm.key_valid)
+        for map_id, m in self.l7.items():
+            # Any server id: checked against this HAProxy when pushed, not on arrival (l7.py).
+            policies[map_id] = MapPolicy(marks=ANY_SERVER, capacity=DEFAULT_CAPACITY,
+                                         max_ms=MAX_REMAINING_MS, key_valid=m.key_valid)
         legacy_marks = {lm.mark for lm in self.legacy.values()}
         self.replica.set_maps(policies, self.view.marks | legacy_marks)
 
@@ -107,7 +120,9 @@ class Replicator:
         """Where records of `map_id` go: an nft session map or a legacy xt_recent table (one
         kernel target interface, daemon/target.py)."""
         rmap = self.view.maps.get(map_id)
-        return self.nft_sink.target(rmap) if rmap is not None else self.legacy.get(map_id)
+        if rmap is not None:
+            return self.nft_sink.target(rmap)
+        return self.legacy.get(map_id) or self.l7.get(map_id)
 
     # -- what a peer link calls ----------------------------------------------------------------
     def snapshot_records(self, chunk: int = 4000) -> Iterator[list[Record]]:

@@ -81,10 +81,13 @@ def get(client: str, farm: str | None, as_json: bool) -> None:
               help="Stop after N sessions (the dump ends there: quick on any map size).")
 @click.option("--static/--timed", "static", default=None,
               help="Only the static map, or only the timed one (default: both).")
+@click.option("--config", "config_path", metavar="PATH",
+              help="The daemon's TOML config, for --farm haproxy/TABLE: its [[haproxy]] "
+              "admin socket (default: /etc/nftsync/nftsync.toml).")
 @json_option
 @handle_errors
 def list_(farm: str | None, prefix: str | None, backend: str | None, limit: int | None,
-          static: bool | None, as_json: bool) -> None:
+          static: bool | None, config_path: str | None, as_json: bool) -> None:
     """List sessions: client, backend mark and address, backend state, seconds left.
 
     Rows are printed as the kernel hands them out (static map first, then the timed one, in
@@ -110,8 +113,12 @@ def list_(farm: str | None, prefix: str | None, backend: str | None, limit: int 
       nftsync sessions list --client 10.10.0.0/16 --backend 0x201
       nftsync sessions list --limit 10 --timed
       nftsync sessions list --farm web --json > sessions.json
+      nftsync sessions list --farm haproxy/web   # HAProxy's own stick table (docs/l7.md)
     """
     require_root()
+    if farm is not None and farm.startswith("haproxy/"):
+        _list_haproxy(farm, config_path, prefix, backend, limit, as_json)
+        return
     with Progress.for_cli(as_json) as progress:
         out = _Rows(as_json, progress)
         try:
@@ -123,6 +130,28 @@ def list_(farm: str | None, prefix: str | None, backend: str | None, limit: int 
             # The reader went away (`| head`): stop quietly, as a pipe's writer does.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
+
+
+def _list_haproxy(farm: str, config_path: str | None, prefix: str | None,
+                  backend: str | None, limit: int | None, as_json: bool) -> None:
+    """`--farm haproxy/TABLE`: the table as this node's HAProxy holds it (`show table` on the
+    admin socket of the [[haproxy]] that replicates TABLE); --client is an exact key here."""
+    from nftsync.daemon.config import load_config
+    from nftsync.errors import SessionError
+    from nftsync.l7 import admin as l7admin
+
+    table = farm.removeprefix("haproxy/")
+    config = load_config(config_path)
+    found = [h for h in config.haproxy if table in h.tables]
+    if not found:
+        known = [f"haproxy/{t}" for h in config.haproxy for t in h.tables]
+        raise SessionError(f"no [[haproxy]] in {config_path or 'the config'} replicates table "
+                         f"{table!r} (known: {', '.join(known) or 'none'})")
+    rows = [r for r in l7admin.session_rows(found[0].admin_socket, table)
+            if (prefix is None or r["client"] == prefix) and
+            (backend is None or backend in (r["backend"], r["address"]))]
+    emit(as_json, rows[:limit] if limit else rows,
+         lambda rs: "\n".join([_HEADER, *map(_line, rs)]) if rs else "no sessions")
 
 
 _HEADER = f"{'FARM':10} {'MAP':8} {'CLIENT':28} {'BACKEND':10} {'ADDRESS':24} {'STATE':6} EXPIRES"

@@ -43,6 +43,7 @@ MAX_REQUEST = 64 * 1024  # a request is a command name and a few small arguments
 MAX_RESPONSE = 64 * 1024 * 1024  # `show` of a big farm; the client refuses anything larger
 MAX_CLIENTS = 32  # control connections served at once; more wait for a slot (bursts) ...
 SLOT_WAIT = 5.0  # ... for at most this many seconds, then get an error and are closed
+REFUSED_READ_S = 1.0  # how long a refused client may take to send its request line
 MAX_WAITING = 4 * MAX_CLIENTS  # beyond this many connections, refuse at once (a flood)
 CLIENT_IDLE = 60.0  # seconds a connection may sit without sending a request
 DEFAULT_TIMEOUT = 10.0
@@ -209,6 +210,18 @@ def error_response(message: str) -> dict[str, Any]:
 # Server
 # --------------------------------------------------------------------------------------------
 
+async def _take_request(reader: asyncio.StreamReader) -> None:
+    """Read (and drop) the request a refused client sent, within REFUSED_READ_S, before the
+    refusal is answered: a client whose request was still on its way when the server answered
+    and closed would get EPIPE on its send instead of reading why it was refused."""
+    try:
+        async with asyncio.timeout(REFUSED_READ_S):
+            await reader.readline()
+    except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError):
+        return  # nothing (whole) came: the refusal is answered all the same
+
+
 class ControlServer:
     """Serves the control protocol on `path`: `ops` maps each command of COMMANDS (but ping,
     which the server answers itself) to the function that runs it (Daemon.control_ops())."""
@@ -361,6 +374,7 @@ class ControlServer:
         slot = False
         try:
             if self._allowed(writer.get_extra_info("socket")) is None:
+                await _take_request(reader)
                 writer.write(encode(error_response(
                     "permission denied: the control socket serves root"
                     + (f" and group {self.group}" if self.group else "") + " only")))
@@ -371,6 +385,7 @@ class ControlServer:
             # yet reaped) is absorbed, a flood is refused.
             slot = len(self._clients) <= MAX_WAITING and await self._acquire_slot()
             if not slot:
+                await _take_request(reader)
                 writer.write(encode(error_response(
                     f"too many control connections (at most {MAX_CLIENTS})")))
                 await writer.drain()

@@ -114,8 +114,11 @@ def hdr_get(lab: Lab, session: str, src: str) -> str | None:
     return body.decode().strip() if b" 200 " in head.split(b"\r\n")[0] else None
 
 
-def served_hdr(lab: Lab, src: str) -> dict[str, str | None]:
-    return {sess: hdr_get(lab, sess, src) for sess in SESSIONS}
+def served_hdr(lab: Lab, src: str, reverse: bool = False) -> dict[str, str | None]:
+    """Each X-Session value's server. `reverse` asks in the other order: a fresh round robin
+    asked in the same order would give the same answers without any replication."""
+    order = reversed(SESSIONS) if reverse else SESSIONS
+    return {sess: hdr_get(lab, sess, src) for sess in order}
 
 
 def assert_all(got: dict[str, str | None], keys: list[str]) -> None:
@@ -191,9 +194,9 @@ def test_100_clients_keep_their_server_when_the_active_node_crashes(l7: L7Cluste
     took = l7.ha.timed_move("kill", "lb1")  # every process of lb1 SIGKILLed, HAProxy included
     print(f"\nVIP on lb2 alone {took * 1000:.0f} ms after `ha.sh kill lb1` started")
     l7.ha.wait_notified("lb2", "MASTER")
-    after = served(l7.lab, sources)
+    after = served(l7.lab, sources[::-1])
     assert_same_backend(before, after)
-    hdr_after = served_hdr(l7.lab, sources[-1])
+    hdr_after = served_hdr(l7.lab, sources[-1], reverse=True)
     assert_same_backend(hdr, hdr_after)
 
 
@@ -211,8 +214,12 @@ def test_reload_on_the_active_node_keeps_its_sessions(l7: L7Cluster) -> None:
     after_count = {t: len(side.table(t)) for t in ("web", "web_hdr")}
     print(f"\nlb1's tables before/after the reload: {count} / {after_count}")
     assert after_count == count
-    assert_same_backend(before, served(l7.lab, sources))
-    assert_same_backend(hdr, served_hdr(l7.lab, sources[1]))
+    assert_same_backend(before, served(l7.lab, sources[::-1]))
+    assert_same_backend(hdr, served_hdr(l7.lab, sources[1], reverse=True))
+    # The new worker's session with nftsync replicates: new clients reach lb2's HAProxy.
+    fresh = served(l7.lab, clients(241, 250))
+    wait_for(lambda: l7.table_has("lb2", "web", fresh), 20,
+             "clients made after the reload in lb2's HAProxy")
 
 
 # --- (c) failback -----------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def test_failback_keeps_the_sessions_made_on_the_backup(l7: L7Cluster) -> None:
     got = served(lab, new)
     assert_all(got, new)
     before.update(got)
-    assert_same_backend({s: before[s] for s in old}, served(lab, old))
+    assert_same_backend({s: before[s] for s in old}, served(lab, old[::-1]))
 
     # lb1 comes back: network, nftsync (resyncs from lb2), an empty HAProxy (asks nftsync).
     links_up(lab, "lb1")
@@ -244,6 +251,6 @@ def test_failback_keeps_the_sessions_made_on_the_backup(l7: L7Cluster) -> None:
     took = ha.timed_move("stop", "lb2")
     print(f"\nfailback: VIP on lb1 {took * 1000:.0f} ms after stopping keepalived on lb2")
     ha.wait_notified("lb1", "MASTER", count=masters + 1)
-    assert_same_backend(before, served(lab, old + new))
-    assert_same_backend(hdr, served_hdr(lab, old[0]))
+    assert_same_backend(before, served(lab, (old + new)[::-1]))
+    assert_same_backend(hdr, served_hdr(lab, old[0], reverse=True))
 

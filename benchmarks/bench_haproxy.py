@@ -25,7 +25,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -37,79 +36,26 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
 import netns  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PEER_PORT = 10000  # HAProxy's own (local) peer, named "lb1"
-NFTSYNC_PEER_PORT = 10001  # the external peer "nftsync" HAProxy dials
-
-CONFIG = """\
-global
-    stats socket {tmp}/admin.sock mode 600 level admin
-    stats timeout 2m
-    pidfile {tmp}/haproxy.pid
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-
-peers lab
-    peer lb1 127.0.0.1:{peer_port}
-    peer nftsync 127.0.0.1:{nftsync_port}
-
-frontend fe_src
-    bind 127.0.0.1:8080
-    default_backend web
-
-frontend fe_cookie
-    bind 127.0.0.1:8081
-    default_backend web_cookie
-
-frontend fe_hdr
-    bind 127.0.0.1:8082
-    default_backend web_hdr
-
-backend web
-    balance roundrobin
-    stick-table type ip size 200k expire 30m store server_id peers lab
-    stick on src
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-
-backend web_cookie
-    balance roundrobin
-    stick-table type string len 64 size 200k expire 30m peers lab
-    stick on req.cook(SRV)
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-
-backend web_hdr
-    balance roundrobin
-    stick-table type string len 64 size 200k expire 30m peers lab
-    stick on req.hdr(X-Session)
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-"""
-
-BACKEND = """\
-import http.server, sys
-name, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer((addr, port), H).serve_forever()
-"""
+from haproxy_lab import (  # noqa: E402
+    CLK_TCK,
+    COOKIE,
+    HDR,
+    SRC,
+    HaproxyNode,
+    check_config,
+    cpu_seconds,
+    haproxy_config,
+    ip_key,
+    read_to_eof,
+    start_backends,
+    stop_pid,
+)
+from haproxy_lab import HAPROXY_PEER_PORT as PEER_PORT  # noqa: E402 (lb1's, PeerClient dials)
 
 
 class LabError(RuntimeError):
@@ -117,30 +63,19 @@ class LabError(RuntimeError):
 
 
 @dataclass
-class Lab:
+class Lab(HaproxyNode):
     """One namespace with HAProxy (three farms, one peers section) and two HTTP backends."""
 
-    ns: str
-    tmp: Path
-    haproxy: subprocess.Popen
     procs: list[subprocess.Popen] = field(default_factory=list)
 
-    @property
-    def admin(self) -> str:
-        return str(self.tmp / "admin.sock")
+    master_worker: ClassVar[bool] = False  # -db alone: foreground, one process
+    cli_timeout: ClassVar[float] = 120.0
+    error: ClassVar[type[Exception]] = LabError
 
     def cpu_seconds(self) -> float:
         """HAProxy's user+system CPU so far (all threads), from /proc/PID/stat."""
-        fields = Path(f"/proc/{self.haproxy.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def cli(self, line: str, timeout: float = 120.0) -> bytes:
-        """One command (or `;`-joined commands) on a fresh connection; the whole answer."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(self.admin)
-            s.sendall(line.encode() + b"\n")
-            return _read_to_eof(s, time.monotonic() + timeout)
+        assert self.haproxy is not None
+        return cpu_seconds(self.haproxy.pid)
 
     def cli_pipelined(self, lines: list[str], timeout: float = 300.0) -> bytes:
         """Many commands on one interactive (`prompt`) connection, written while answers are
@@ -151,67 +86,28 @@ class Lab:
             payload = ("prompt\n" + "\n".join(lines) + "\nquit\n").encode()
             writer = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
             writer.start()
-            out = _read_to_eof(s, time.monotonic() + timeout)
+            out = read_to_eof(s, time.monotonic() + timeout)
             writer.join(timeout)
             return out
 
 
-def _read_to_eof(s: socket.socket, deadline: float) -> bytes:
-    chunks = []
-    while True:
-        if time.monotonic() > deadline:
-            raise TimeoutError("HAProxy's answer did not end in time")
-        data = s.recv(1 << 20)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
-def _wait_for(what: str, check, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if check():
-                return
-        time.sleep(0.05)
-    raise LabError(f"{what} did not come up within {seconds:.0f} s")
-
-
 @contextlib.contextmanager
-def lab(extra_args: tuple[str, ...] = (), config: str = CONFIG) -> Iterator[Lab]:
-    """Start the lab; stop HAProxy and the backends by pid and delete the namespace afterwards.
-    `config` is a template with {tmp}, {peer_port} and {nftsync_port}."""
+def lab(extra_args: tuple[str, ...] = ()) -> Iterator[Lab]:
+    """Start the lab; stop HAProxy and the backends by pid and delete the namespace afterwards."""
     ns = netns.create("nsh")
     tmp = Path(tempfile.mkdtemp(prefix="nsh-"))
-    procs: list[subprocess.Popen] = []
+    the_lab = Lab(ns, "lb1", tmp)
     try:
         cfg = tmp / "haproxy.cfg"
-        cfg.write_text(config.format(tmp=tmp, peer_port=PEER_PORT, nftsync_port=NFTSYNC_PEER_PORT))
-        check = netns.run(ns, "haproxy", "-c", "-q", "-f", str(cfg), check=False)
-        if check.returncode != 0:
-            raise LabError(f"haproxy -c: {check.stderr.strip() or check.stdout.strip()}")
-        (tmp / "backend.py").write_text(BACKEND)
-        for name, addr, port in (("be1", "127.0.0.11", "8001"), ("be2", "127.0.0.12", "8002")):
-            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable,
-                                           str(tmp / "backend.py"), name, addr, port]))
-        # `ip netns exec` execs HAProxy, so this pid is HAProxy's; -db: foreground, one process.
-        with open(tmp / "haproxy.log", "w") as log:
-            haproxy = subprocess.Popen(["ip", "netns", "exec", ns, "haproxy", "-db", "-L", "lb1",
-                                        *extra_args, "-f", str(cfg)],
-                                       stdout=subprocess.DEVNULL, stderr=log)
-        procs.append(haproxy)
-        the_lab = Lab(ns, tmp, haproxy, procs)
-        _wait_for("HAProxy's admin socket", lambda: b"Name: HAProxy" in the_lab.cli("show info"))
+        cfg.write_text(haproxy_config(tmp, peers="lab", farms=(SRC, COOKIE, HDR), pidfile=True))
+        check_config(ns, cfg, LabError)
+        the_lab.procs += start_backends(ns, tmp)
+        the_lab.start_haproxy(extra_args)
         yield the_lab
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        the_lab.stop_haproxy()
+        for proc in reversed(the_lab.procs):
+            stop_pid(proc)
         netns.delete(ns)
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -245,10 +141,6 @@ def parse_show_table(text: bytes) -> list[ShownEntry]:
     return out
 
 
-def ip_key(i: int) -> str:
-    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
-
-
 def fill(the_lab: Lab, table: str, n: int) -> tuple[float, float]:
     """Set n keys by pipelined `set table` on one connection; (wall s, HAProxy CPU s)."""
     lines = [f"set table {table} key {ip_key(i)} data.server_id {1 + i % 2}" for i in range(n)]
@@ -268,11 +160,11 @@ def set_cost_variants(the_lab: Lab, table: str, n: int, per_line: int) -> dict[s
     out = {}
     t0 = time.perf_counter()
     for cmd in cmds:
-        the_lab.cli(cmd)
+        the_lab.command(cmd)
     out["one connection per command"] = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
     for i in range(0, n, per_line):
-        the_lab.cli(";".join(cmds[i:i + per_line]))
+        the_lab.command(";".join(cmds[i:i + per_line]))
     out[f"{per_line} per ';'-joined line"] = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
     the_lab.cli_pipelined(cmds)
@@ -309,7 +201,7 @@ def changes(previous: dict[bytes, ShownEntry], now: list[ShownEntry],
 def poll_once(the_lab: Lab, table: str, previous: dict[bytes, ShownEntry]
               ) -> tuple[PollCost, dict[bytes, ShownEntry]]:
     cpu0, t0 = the_lab.cpu_seconds(), time.perf_counter()
-    text = the_lab.cli(f"show table {table}")
+    text = the_lab.command(f"show table {table}")
     wall, cpu = time.perf_counter() - t0, the_lab.cpu_seconds() - cpu0
     t1 = time.perf_counter()
     entries = parse_show_table(text)

@@ -31,8 +31,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,62 +39,30 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))
 
+import haproxy_lab  # noqa: E402
 import netns  # noqa: E402
 from daemons import DaemonProc, make_key  # noqa: E402
+from haproxy_lab import (  # noqa: E402
+    SRC,
+    ReplicaNode,
+    cpu_seconds,
+    ip_key,
+    start_replicas,
+    write_replica_files,
+)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 ADDR = {"a": "10.237.0.1", "b": "10.237.0.2"}
 LB = {"a": "lb1", "b": "lb2"}
 NODE_ID = {"a": 1, "b": 2}
-PEER_PORT = 10001
 PER_LINE = 200  # `set table` commands per `;`-joined line
 SAMPLE = 200  # live updates, one at a time
 IDLE_S = 3.0
 PACED = 2000  # single updates for the CPU per update
 PACE_GAP_S = 0.002
-
-HAPROXY_CFG = """\
-global
-    stats socket {tmp}/admin.sock mode 600 level admin
-    stats timeout 2m
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-
-peers nftsync_peers
-    peer {lb} 127.0.0.1:10000
-    peer nftsync 127.0.0.1:{peer_port}
-
-frontend fe_src
-    bind 127.0.0.1:8080
-    default_backend web
-
-backend web
-    balance roundrobin
-    stick-table type ip size 200k expire 30m store server_id peers nftsync_peers
-    stick on src
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-"""
-
-NFTSYNC_CFG = """\
-key_file = "{key}"
-
-[[haproxy]]
-name = "{lb}-haproxy"
-admin_socket = "{tmp}/admin.sock"
-peer_listen = "127.0.0.1:{peer_port}"
-local_peer = "nftsync"
-haproxy_peer = "{lb}"
-tables = ["web"]
-"""
-
 
 class BenchError(Exception):
     pass
@@ -108,81 +74,30 @@ class Daemon(DaemonProc):
     start_timeout = 30.0
 
 
-def cpu_s(pid: int) -> float:
-    """user+system CPU of a process so far (all its threads), from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def wait_for(what: str, check: Callable[[], object], seconds: float,
              interval: float = 0.02) -> float:
     """Poll `check` until truthy; the monotonic time it first was (bounded)."""
-    deadline = time.monotonic() + seconds
-    last: object = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            last = check()
-            if last:
-                return time.monotonic()
-        time.sleep(interval)
-    raise BenchError(f"{what}: not within {seconds:.0f} s (last: {last!r})")
-
-
-def ip_key(i: int) -> str:
-    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+    haproxy_lab.wait_for(what, check, seconds, interval, error=BenchError)
+    return time.monotonic()
 
 
 @dataclass
-class Side:
+class Side(ReplicaNode):
     """One load balancer: its namespace, HAProxy (no master: the pid is the process's) and
     nftsync daemon."""
 
-    ns: str
-    lb: str
-    tmp: Path
-    daemon: Daemon
-    haproxy: subprocess.Popen | None = None
-
-    def start_haproxy(self) -> None:
-        log = open(self.tmp / "haproxy.log", "a")  # noqa: SIM115 (HAProxy keeps it)
-        self.haproxy = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "haproxy", "-db", "-L", self.lb, "-f",
-             str(self.tmp / "haproxy.cfg")], stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-        wait_for(f"{self.lb}: HAProxy's admin socket",
-                 lambda: "Name: HAProxy" in self.cli("show info"), 20)
-
-    def stop_haproxy(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.send_signal(signal.SIGTERM)
-            try:
-                self.haproxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
-                self.haproxy.wait(5)
-        self.haproxy = None
-
-    def cli(self, line: str, timeout: float = 30.0) -> str:
-        """One line (one or `;`-joined commands) on a fresh connection; the answer to EOF."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.tmp / "admin.sock"))
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            deadline = time.monotonic() + timeout
-            while (data := s.recv(1 << 20)):
-                chunks.append(data)
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{self.lb}: answer to {line[:40]!r} did not end")
-            return b"".join(chunks).decode()
+    master_worker: ClassVar[bool] = False
+    start_seconds: ClassVar[float] = 20.0
+    cli_timeout: ClassVar[float] = 30.0
+    error: ClassVar[type[Exception]] = BenchError
 
     def used(self) -> int:
         m = re.search(r"# table: web, .*used:(\d+)", self.cli("show table"))
         return int(m.group(1)) if m else -1
 
     def servers(self) -> dict[str, str]:
-        return dict(re.findall(r"key=(\S+) use=\d+ exp=\d+ server_id=(\S+)",
-                               self.cli("show table web", timeout=60)))
+        return {k: d["server_id"] for k, (_, d) in self.show_table("web", timeout=60).items()
+                if "server_id" in d}
 
     def server_of(self, key: str) -> str | None:
         m = re.search(r"server_id=(\S+)", self.cli(f"show table web key {key}"))
@@ -201,26 +116,14 @@ def lab() -> Iterator[dict[str, Side]]:
         with netns.linked_pair("l7b", ADDR["a"], ADDR["b"]) as names:
             key = make_key(tmp_root)
             for side in ("a", "b"):
-                tmp = tmp_root / side
-                tmp.mkdir()
-                lb = LB[side]
-                (tmp / "haproxy.cfg").write_text(HAPROXY_CFG.format(tmp=tmp, lb=lb,
-                                                                    peer_port=PEER_PORT))
-                (tmp / "nftsync.toml").write_text(NFTSYNC_CFG.format(tmp=tmp, lb=lb, key=key,
-                                                                     peer_port=PEER_PORT))
+                tmp, lb = tmp_root / side, LB[side]
+                toml = write_replica_files(names[side], tmp, lb, key, (SRC,), BenchError)
                 other = "b" if side == "a" else "a"
                 d = Daemon(names[side], lb, NODE_ID[side], ADDR[side], [ADDR[other]], key, tmp,
                            role="active" if side == "a" else "backup",
-                           extra=("--config", str(tmp / "nftsync.toml")))
+                           extra=("--config", str(toml)))
                 made[side] = Side(names[side], lb, tmp, d)
-            for s in made.values():
-                s.daemon.start()  # listening for HAProxy before it starts
-            for s in made.values():
-                s.start_haproxy()
-            for s in made.values():
-                wait_for(f"{s.lb}: HAProxy connected to nftsync",
-                         lambda s=s: s.daemon.ctl("status")["haproxy"][0]["connected"], 30, 0.2)
-                wait_for(f"{s.lb}: peer up", lambda s=s: s.daemon.peers_up() >= 1, 30, 0.2)
+            start_replicas(list(made.values()), 30, 0.2)
             yield made
     finally:
         for s in made.values():
@@ -230,7 +133,7 @@ def lab() -> Iterator[dict[str, Side]]:
 
 
 def cpu_all(sides: dict[str, Side]) -> dict[str, float]:
-    return {name: cpu_s(pid) for s in sides.values() for name, pid in s.pids().items()}
+    return {name: cpu_seconds(pid) for s in sides.values() for name, pid in s.pids().items()}
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -310,12 +213,12 @@ def idle(sides: dict[str, Side]) -> dict[str, float]:
 def resync(a: Side, b: Side, n: int) -> dict:
     d_pid = b.daemon.proc.pid if b.daemon.proc else 0
     b.stop_haproxy()
-    c0 = cpu_s(d_pid)
+    c0 = cpu_seconds(d_pid)
     t0 = time.monotonic()
     b.start_haproxy()
     t_b = wait_for(f"{n} entries on restarted B", lambda: b.used() >= n, 60 + n / 1000)
-    d_cpu = cpu_s(d_pid) - c0
-    h_cpu = cpu_s(b.haproxy.pid) if b.haproxy else 0.0
+    d_cpu = cpu_seconds(d_pid) - c0
+    h_cpu = cpu_seconds(b.haproxy.pid) if b.haproxy else 0.0
     on_b = b.servers()
     if on_b != a.servers():
         raise BenchError(f"restarted B differs from A ({len(on_b)} entries)")

@@ -27,6 +27,7 @@ import netns
 import pytest
 from daemons import DaemonProc, make_key, wait_for
 from ha import Ha
+from haproxy_lab import HDR, SRC, check_config, haproxy_config, nftsync_config
 from helpers import nftsync, reset_node
 from lab import VIP4, Lab
 from test_failover import (
@@ -39,26 +40,21 @@ from test_failover import (
     tear_down,
     unsteer,
 )
-from test_l7_replication import HAPROXY_CFG, NFTSYNC_CFG, PEER_PORT, Side
+from test_l7_replication import Side
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy not installed (scripts/setup.sh)")
 
-SRC_PORT, HDR_PORT = 8080, 8082
+SRC_PORT, HDR_PORT = SRC.port, HDR.port
+LAB_SERVERS = (("be1", "10.20.0.11", 80), ("be2", "10.20.0.12", 80))  # the lab's backends
 BACKENDS = {"be1", "be2"}
 SESSIONS = [f"user-{i:03d}" for i in range(1, 41)]  # X-Session values (table web_hdr)
 
 
 def lab_haproxy_cfg(tmp: Path, lb: str) -> str:
-    """test_l7_replication's HAProxy configuration moved onto the lab: listening on every
+    """The L7 tests' HAProxy configuration (haproxy_lab) moved onto the lab: listening on every
     address (the VIP comes and goes), the lab's backends on port 80."""
-    cfg = HAPROXY_CFG.format(tmp=tmp, lb=lb, peer_port=PEER_PORT)
-    for old, new in (("bind 127.0.0.1:8080", f"bind :{SRC_PORT}"),
-                     ("bind 127.0.0.1:8082", f"bind :{HDR_PORT}"),
-                     ("127.0.0.11:8001", "10.20.0.11:80"), ("127.0.0.12:8002", "10.20.0.12:80")):
-        assert old in cfg, old
-        cfg = cfg.replace(old, new)
-    return cfg
+    return haproxy_config(tmp, lb, bind="", servers=LAB_SERVERS)
 
 
 @dataclass
@@ -141,11 +137,8 @@ def l7(fo_lab: Lab, tmp_path: Path) -> Iterator[L7Cluster]:  # noqa: F811
         for node in NODES:
             (tmp / node).mkdir()
             (tmp / node / "haproxy.cfg").write_text(lab_haproxy_cfg(tmp / node, node))
-            check = lab.exec(node, "haproxy", "-c", "-q", "-f", str(tmp / node / "haproxy.cfg"),
-                             check=False)
-            assert check.returncode == 0, check.stderr or check.stdout
-            (tmp / node / "nftsync.toml").write_text(NFTSYNC_CFG.format(
-                tmp=tmp / node, lb=node, key=c.key, peer_port=PEER_PORT))
+            check_config(lab.ns(node), tmp / node / "haproxy.cfg")
+            (tmp / node / "nftsync.toml").write_text(nftsync_config(tmp / node, node, c.key))
         for node in NODES:
             d = c.start_daemon(node, "backup")
             c.haproxy[node] = Side(lab.ns(node), node, tmp / node, d)

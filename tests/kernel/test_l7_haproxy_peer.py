@@ -10,94 +10,37 @@ thread that entered the namespace. HAProxy is stopped by pid and the namespace d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import netns
 import pytest
+from haproxy_lab import (
+    PEER_PORT,
+    HaproxyNode,
+    check_config,
+    haproxy_config,
+    start_backends,
+    stop_pid,
+    wait_for,
+)
 
 from nftsync.l7.haproxy import HaproxyPeer, StickTable, StickUpdate
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy not installed (scripts/setup.sh)")
 
-PEER_PORT = 10001
-CONFIG = """\
-global
-    stats socket {tmp}/admin.sock mode 600 level admin
-    stats timeout 2m
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-
-peers lab
-    peer lb1 127.0.0.1:10000
-    peer nftsync 127.0.0.1:{peer_port}
-
-frontend fe_src
-    bind 127.0.0.1:8080
-    default_backend web
-
-frontend fe_hdr
-    bind 127.0.0.1:8082
-    default_backend web_hdr
-
-backend web
-    balance roundrobin
-    stick-table type ip size 200k expire 30m store server_id peers lab
-    stick on src
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-
-backend web_hdr
-    balance roundrobin
-    stick-table type string len 64 size 200k expire 30m peers lab
-    stick on req.hdr(X-Session)
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-"""
-
-BACKEND = """\
-import http.server, sys
-name, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer((addr, port), H).serve_forever()
-"""
 SERVERS = {"be1": 1, "be2": 2}
 OTHER = {"be1": "be2", "be2": "be1"}
-
-
-def wait_for(what: str, check: Callable[[], object], seconds: float = 10.0) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            got = check()
-            if got:
-                return got
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {seconds:.0f} s")
 
 
 class PeerThread:
@@ -169,67 +112,11 @@ class PeerThread:
 
 
 @dataclass
-class Lab:
-    ns: str
-    tmp: Path
+class Lab(HaproxyNode):
+    """The namespace's HAProxy (peer lb1) and the peer it dials."""
+
     peer: PeerThread
-    haproxy: subprocess.Popen | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_haproxy(self) -> None:
-        log = open(self.tmp / "haproxy.log", "a")  # noqa: SIM115 (HAProxy keeps it)
-        # `ip netns exec` execs HAProxy: this pid is the master's.
-        self.haproxy = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "haproxy", "-W", "-db", "-L", "lb1", "-f",
-             str(self.tmp / "haproxy.cfg")], stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-        wait_for("HAProxy's admin socket", lambda: "Name: HAProxy" in self.cli("show info"))
-
-    def stop_haproxy(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.send_signal(signal.SIGTERM)
-            try:
-                self.haproxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
-                self.haproxy.wait(5)
-        self.haproxy = None
-
-    def cli(self, line: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.tmp / "admin.sock"))
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                data = s.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-            return b"".join(chunks).decode()
-
-    def show_table(self, table: str) -> dict[str, tuple[int, dict[str, str]]]:
-        """key -> (exp ms, data) from `show table` (keys unescaped)."""
-        out = {}
-        for m in re.finditer(r"key=((?:\\.|\S)+) use=\d+ exp=(\d+)(.*)", self.cli(
-                f"show table {table}")):
-            key = re.sub(r"\\(.)", r"\1", m.group(1))
-            out[key] = (int(m.group(2)), dict(kv.split("=", 1) for kv in m.group(3).split()))
-        return out
-
-    def get(self, port: int, src: str, headers: dict[str, str] | None = None) -> str:
-        """One HTTP request from `src` (a 127/8 address of the namespace): the server's name."""
-        with netns.entered(self.ns):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(src, 0))
-        with s:
-            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            s.sendall(f"GET / HTTP/1.0\r\nHost: lab\r\n{extra}\r\n".encode())
-            data = b""
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and (chunk := s.recv(4096)):
-                data += chunk
-        return data.split(b"\r\n\r\n", 1)[1].decode()
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +127,10 @@ def lab() -> Iterator[Lab]:
     the_lab: Lab | None = None
     try:
         cfg = tmp / "haproxy.cfg"
-        cfg.write_text(CONFIG.format(tmp=tmp, peer_port=PEER_PORT))
-        check = netns.run(ns, "haproxy", "-c", "-q", "-f", str(cfg), check=False)
-        assert check.returncode == 0, check.stderr or check.stdout
-        (tmp / "backend.py").write_text(BACKEND)
-        for name, addr, port in (("be1", "127.0.0.11", "8001"), ("be2", "127.0.0.12", "8002")):
-            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable,
-                                           str(tmp / "backend.py"), name, addr, port]))
-        the_lab = Lab(ns, tmp, PeerThread(ns), procs=procs)
+        cfg.write_text(haproxy_config(tmp, peers="lab"))
+        check_config(ns, cfg)
+        procs += start_backends(ns, tmp)
+        the_lab = Lab(ns, "lb1", tmp, PeerThread(ns), procs=procs)
         the_lab.start_haproxy()
         wait_for("HAProxy's session with the peer", lambda: the_lab.peer.stats()["connected"])
         yield the_lab
@@ -256,9 +139,7 @@ def lab() -> Iterator[Lab]:
             the_lab.stop_haproxy()
             the_lab.peer.stop()
         for proc in procs:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+            stop_pid(proc)
         netns.delete(ns)
         shutil.rmtree(tmp, ignore_errors=True)
 

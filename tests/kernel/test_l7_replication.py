@@ -14,23 +14,28 @@ Every process is stopped by pid and both namespaces deleted afterwards, also on 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import haproxy_lab
 import netns
 import pytest
 from daemons import DaemonProc, make_key
+from haproxy_lab import (
+    ReplicaNode,
+    start_backends,
+    start_replicas,
+    stop_pid,
+    write_replica_files,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy not installed (scripts/setup.sh)")
@@ -45,72 +50,6 @@ EXPIRE_MS = 1_800_000
 FRESH_MS = EXPIRE_MS - 120_000  # "near the table's expire": less than 2 min gone
 WAIT = 20.0
 
-HAPROXY_CFG = """\
-global
-    stats socket {tmp}/admin.sock mode 600 level admin
-    stats timeout 2m
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-
-peers nftsync_peers
-    peer {lb} 127.0.0.1:10000
-    peer nftsync 127.0.0.1:{peer_port}
-
-frontend fe_src
-    bind 127.0.0.1:8080
-    default_backend web
-
-frontend fe_hdr
-    bind 127.0.0.1:8082
-    default_backend web_hdr
-
-backend web
-    balance roundrobin
-    stick-table type ip size 200k expire 30m store server_id peers nftsync_peers
-    stick on src
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-
-backend web_hdr
-    balance roundrobin
-    stick-table type string len 64 size 200k expire 30m peers nftsync_peers
-    stick on req.hdr(X-Session)
-    server be1 127.0.0.11:8001 id 1
-    server be2 127.0.0.12:8002 id 2
-"""
-
-NFTSYNC_CFG = """\
-key_file = "{key}"
-
-[[haproxy]]
-name = "{lb}-haproxy"
-admin_socket = "{tmp}/admin.sock"
-peer_listen = "127.0.0.1:{peer_port}"
-local_peer = "nftsync"
-haproxy_peer = "{lb}"
-tables = ["web", "web_hdr"]
-"""
-
-BACKEND = """\
-import http.server, sys
-name, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = name.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer((addr, port), H).serve_forever()
-"""
-
-
 class Daemon(DaemonProc):
     port = 7798
     cluster = "l7"
@@ -118,82 +57,20 @@ class Daemon(DaemonProc):
 
 
 def wait_for(what: str, check: Callable[[], object], seconds: float = WAIT) -> object:
-    deadline = time.monotonic() + seconds
-    last: object = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            last = check()
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {seconds:.0f} s (last: {last!r})")
+    return haproxy_lab.wait_for(what, check, seconds, interval=0.1)
 
 
 @dataclass
-class Side:
+class Side(ReplicaNode):
     """One load balancer: its namespace, HAProxy (master pid) and nftsync daemon."""
 
-    ns: str
-    lb: str
-    tmp: Path
-    daemon: Daemon
-    haproxy: subprocess.Popen | None = None
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_haproxy(self) -> None:
-        log = open(self.tmp / "haproxy.log", "a")  # noqa: SIM115 (HAProxy keeps it)
-        # `ip netns exec` execs HAProxy: this pid is the master's.
-        self.haproxy = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "haproxy", "-W", "-db", "-L", self.lb, "-f",
-             str(self.tmp / "haproxy.cfg")], stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-        wait_for(f"{self.lb}: HAProxy's admin socket", lambda: "Name: HAProxy" in
-                 self.cli("show info"))
-
-    def stop_haproxy(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.send_signal(signal.SIGTERM)
-            try:
-                self.haproxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
-                self.haproxy.wait(5)
-        self.haproxy = None
-
-    def cli(self, line: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.tmp / "admin.sock"))
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and (data := s.recv(65536)):
-                chunks.append(data)
-            return b"".join(chunks).decode()
+    start_seconds: ClassVar[float] = WAIT
 
     def table(self, name: str) -> dict[str, tuple[int, str, str]]:
         """HAProxy's own table: key -> (exp ms, server_id, server_key); keys unescaped."""
-        out = {}
-        for m in re.finditer(r"key=((?:\\.|\S)+) use=\d+ exp=(\d+) server_id=(\S+) "
-                             r"server_key=(\S+)", self.cli(f"show table {name}")):
-            out[re.sub(r"\\(.)", r"\1", m.group(1))] = (int(m.group(2)), m.group(3), m.group(4))
-        return out
-
-    def get(self, port: int, src: str, headers: dict[str, str] | None = None) -> str:
-        """One HTTP request from `src` through this HAProxy: the name of the server."""
-        with netns.entered(self.ns):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(src, 0))
-        with s:
-            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            s.sendall(f"GET / HTTP/1.0\r\nHost: lab\r\n{extra}\r\n".encode())
-            data = b""
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and (chunk := s.recv(4096)):
-                data += chunk
-        return data.split(b"\r\n\r\n", 1)[1].decode()
-
-    def haproxy_status(self) -> dict:
-        return self.daemon.ctl("status")["haproxy"][0]
+        return {k: (exp, d["server_id"], d["server_key"])
+                for k, (exp, d) in self.show_table(name).items()
+                if "server_id" in d and "server_key" in d}
 
 
 @pytest.fixture(scope="module")
@@ -204,35 +81,15 @@ def sides() -> Iterator[dict[str, Side]]:
         with netns.linked_pair("l7r", ADDR["a"], ADDR["b"]) as names:
             key = make_key(tmp_root)
             for side in ("a", "b"):
-                tmp = tmp_root / side
-                tmp.mkdir()
-                lb = LB[side]
-                (tmp / "haproxy.cfg").write_text(HAPROXY_CFG.format(tmp=tmp, lb=lb,
-                                                                    peer_port=PEER_PORT))
-                check = netns.run(names[side], "haproxy", "-c", "-q", "-f",
-                                  str(tmp / "haproxy.cfg"), check=False)
-                assert check.returncode == 0, check.stderr or check.stdout
-                (tmp / "nftsync.toml").write_text(NFTSYNC_CFG.format(tmp=tmp, lb=lb, key=key,
-                                                                     peer_port=PEER_PORT))
-                (tmp / "backend.py").write_text(BACKEND)
+                tmp, lb = tmp_root / side, LB[side]
+                toml = write_replica_files(names[side], tmp, lb, key)
                 other = "b" if side == "a" else "a"
                 d = Daemon(names[side], lb, NODE_ID[side], ADDR[side], [ADDR[other]], key, tmp,
                            role="active" if side == "a" else "backup",
-                           extra=("--config", str(tmp / "nftsync.toml")))
+                           extra=("--config", str(toml)))
                 s = made[side] = Side(names[side], lb, tmp, d)
-                for name, addr, port in (("be1", "127.0.0.11", "8001"),
-                                         ("be2", "127.0.0.12", "8002")):
-                    s.procs.append(subprocess.Popen(
-                        ["ip", "netns", "exec", names[side], sys.executable,
-                         str(tmp / "backend.py"), name, addr, port]))
-            for s in made.values():
-                s.daemon.start()  # listening for HAProxy before it starts
-            for s in made.values():
-                s.start_haproxy()
-            for s in made.values():
-                wait_for(f"{s.lb}: HAProxy connected to nftsync",
-                         lambda s=s: s.haproxy_status()["connected"])
-                wait_for(f"{s.lb}: peer up", lambda s=s: s.daemon.peers_up() >= 1)
+                s.procs += start_backends(names[side], tmp)
+            start_replicas(list(made.values()), WAIT, 0.1)
             try:
                 yield made
             finally:
@@ -240,17 +97,13 @@ def sides() -> Iterator[dict[str, Side]]:
                     s.stop_haproxy()
                     s.daemon.stop()
                     for proc in s.procs:
-                        proc.terminate()
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            proc.wait(5)
+                        stop_pid(proc)
     finally:
         for s in made.values():  # when setting up failed half-way
             s.stop_haproxy()
             s.daemon.stop()
             for proc in s.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
+                stop_pid(proc)
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 

@@ -505,13 +505,19 @@ def _farms(v: _Value) -> list[str]:
     if not items:
         raise _fail(v, "an empty list would replicate no farm; leave the key out to replicate "
                     "every nftsync farm")
+    return _unique_names(v, items, _FARM_RE, "farm", "a farm name (letters, digits, _ . -, at "
+                         "most 32)")
+
+
+def _unique_names(v: _Value, items: list, pattern: re.Pattern[str], kind: str,
+                  rule: str) -> list[str]:
+    """The items of a list of names, each matching `pattern` and none twice."""
     out: list[str] = []
     for i, item in enumerate(items):
-        if not isinstance(item, str) or not _FARM_RE.fullmatch(item):
-            raise ConfigError(f"{v.where}[{i}]: {item!r} is not a farm name (letters, digits, "
-                              "_ . -, at most 32)")
+        if not isinstance(item, str) or not pattern.fullmatch(item):
+            raise ConfigError(f"{v.where}[{i}]: {item!r} is not {rule}")
         if item in out:
-            raise ConfigError(f"{v.where}[{i}]: farm {item!r} is listed twice")
+            raise ConfigError(f"{v.where}[{i}]: {kind} {item!r} is listed twice")
         out.append(item)
     return out
 
@@ -597,15 +603,8 @@ def _haproxy_tables(v: _Value) -> tuple[str, ...]:
     if not items:
         raise _fail(v, "must be a non-empty list of stick table names (the backends that "
                     "declare them), e.g. [\"web\"]")
-    out: list[str] = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str) or not _TABLE_RE.fullmatch(item):
-            raise ConfigError(f"{v.where}[{i}]: {item!r} is not a stick table name (1..64 "
-                              "letters, digits, '_', '.', ':' or '-')")
-        if item in out:
-            raise ConfigError(f"{v.where}[{i}]: table {item!r} is listed twice")
-        out.append(item)
-    return tuple(out)
+    return tuple(_unique_names(v, items, _TABLE_RE, "table", "a stick table name (1..64 "
+                               "letters, digits, '_', '.', ':' or '-')"))
 
 
 def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
